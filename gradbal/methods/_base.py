@@ -36,6 +36,10 @@ class Method:
     requires_losses: ClassVar[bool] = False
     #: True when the method keeps state across steps (then K may not change between steps).
     stateful: ClassVar[bool] = False
+    #: False for loss-based methods (FAMO, UW, DWA, amortised MoKD): their weights come from
+    #: the loss values alone, ``weights`` is called with ``gram=None`` and the optimizer runs
+    #: a single backward of ``sum_k w_k L_k`` (no per-objective gradients, no store).
+    requires_task_gradients: ClassVar[bool] = True
 
     @property
     def requires_nonnegative_losses(self) -> bool:
@@ -48,7 +52,8 @@ class Method:
         """Return the K weights of the balanced direction ``d = sum_k w_k g_k``.
 
         Args:
-            gram: [K, K] float64 Gram matrix of the task gradients.
+            gram: [K, K] float64 Gram matrix of the task gradients (``None`` for methods
+                with ``requires_task_gradients = False``).
             losses: [K] float64 loss values (``None`` when the caller has none).
             generator: the caller's seeded CPU generator, for random methods.
         """

@@ -1,0 +1,69 @@
+"""Functional form: balance a materialised [K, N] matrix of task gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from .methods import Method, get_method
+
+__all__ = ["aggregate"]
+
+
+def aggregate(
+    grads: Tensor,
+    method: str | Method = "mokd",
+    losses: Tensor | Sequence[float] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    **method_options: Any,
+) -> Tensor:
+    """Balanced direction ``d = sum_k w_k g_k`` of the rows of ``grads``.
+
+    The same two passes as the optimizer: ``G = grads grads^T`` (float64), the method's
+    weights from G (and ``losses``), then the weighted combination.
+
+    Args:
+        grads: [K, N] task gradients (K >= 1), floating point.
+        method: a registered name (see :func:`gradbal.available_methods`) or a Method.
+        losses: [K] loss values, required by loss-aware methods such as ``"mokd"``.
+        generator: seeded generator for random methods (``"pcgrad"``).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`gradbal._ops`).
+        **method_options: options of the named method.
+
+    Returns:
+        [N] tensor with ``grads``' dtype and device.
+    """
+    if not isinstance(grads, Tensor) or grads.ndim != 2 or not grads.is_floating_point():
+        raise ValueError(
+            "grads must be a floating-point [K, N] tensor (one row per objective); got "
+            f"{type(grads).__name__}"
+            + (f" of shape {tuple(grads.shape)} and dtype {grads.dtype}" if isinstance(grads, Tensor) else "")
+        )
+    m = get_method(method, **method_options)
+    k = grads.shape[0]
+    if k < 1:
+        raise ValueError("grads has no rows; pass at least one objective's gradient")
+    m.check_num_objectives(k)
+    loss_values = None
+    if losses is not None:
+        loss_values = torch.as_tensor(losses).detach().to(device=grads.device, dtype=torch.float64)
+        if loss_values.shape != (k,):
+            raise ValueError(f"losses must have shape ({k},) to match grads, got {tuple(loss_values.shape)}")
+        if m.requires_nonnegative_losses and bool((loss_values < 0).any()):
+            raise ValueError(
+                f"method {m.name!r} scales by log-losses and needs losses >= 0, got "
+                f"{loss_values.tolist()}; turn log_scale off for signed objectives"
+            )
+    elif m.requires_losses:
+        raise ValueError(f"method {m.name!r} needs the loss values: pass losses=[...]")
+    rows = grads.contiguous()
+    gram = _ops.gram(rows, backend=backend)
+    weights = m.weights(gram, loss_values, generator)
+    out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    return _ops.combine(rows, weights, out, backend=backend)

@@ -1,0 +1,436 @@
+"""MultiObjectiveOptimizer: wrap any torch.optim optimizer with gradient balancing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._store import GradientStore
+from .diagnostics import StepStats
+from .methods import Method, get_method
+
+__all__ = ["MultiObjectiveOptimizer"]
+
+NONFINITE_MODES = ("raise", "skip", "ignore")
+GRAM_PARAMS = ("shared", "all")
+_STATE_KEY = "gradbal"
+
+
+class _ReachRecorder:
+    """Tensor hooks that record which parameters each objective's backward reaches.
+
+    Hooks stay registered for the optimizer's lifetime and do nothing outside
+    :meth:`MultiObjectiveOptimizer.backward`; they also reject sparse gradients before
+    autograd densifies them into the store.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.reached: list[bool] = []
+        self.handles: list[Any] = []
+
+    def attach(self, params: Sequence[Tensor]) -> None:
+        self.detach()
+        for i, p in enumerate(params):
+            self.handles.append(p.register_hook(self._hook_for(i)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook_for(self, index: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if not self.active:
+                return
+            if grad.layout != torch.strided:
+                raise ValueError(
+                    f"parameter {index} received a {grad.layout} gradient; gradbal balances "
+                    "dense gradients only: build the module with sparse=False (e.g. "
+                    "nn.Embedding(..., sparse=False)) and use a dense optimizer"
+                )
+            self.reached[index] = True
+
+        return hook
+
+    def begin(self, num_params: int) -> None:
+        self.reached = [False] * num_params
+        self.active = True
+
+    def end(self) -> None:
+        self.active = False
+
+
+class MultiObjectiveOptimizer(torch.optim.Optimizer):
+    r"""Balance K objectives' gradients, then step any ``torch.optim`` optimizer.
+
+    Usage (three lines change in a training loop)::
+
+        opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                              method="mokd")
+        opt.zero_grad()
+        opt.backward([loss_task, loss_kd])
+        opt.step()
+
+    :meth:`backward` runs one backward pass per objective, each writing straight into its row
+    of a flat ``[K, N]`` store (parameters' ``.grad`` are views into it), computes the K x K
+    Gram matrix in one pass, the method's weights ``w`` from it on the device, and writes
+    ``d = sum_k w_k g_k`` into the parameters' ``.grad`` in a second pass. No host
+    synchronisation happens between the first backward and :meth:`step`.
+
+    Which parameters: the balanced gradient of a parameter is ``sum_k w_k g_k`` restricted to
+    it. A parameter only one objective reaches therefore gets that objective's gradient times
+    its weight; a parameter no objective reaches keeps ``.grad`` as it was (``None`` after
+    ``zero_grad``). With ``gram_params="shared"`` (default, MoKD's choice) the Gram matrix,
+    and so the weights, are computed over the parameters that more than one objective reaches;
+    ``"all"`` uses every parameter.
+
+    The wrapper *is* the optimizer for everything built on ``torch.optim``: it shares
+    ``param_groups``, ``state`` and ``defaults`` with the wrapped one, so LR schedulers,
+    ``torch.amp.GradScaler`` (pass ``scaler=`` to :meth:`backward`, then ``scaler.step(opt)``),
+    gradient clipping between ``backward`` and ``step`` and checkpointing work unchanged.
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` that applies the balanced gradient.
+        method: a registered method name (``gradbal.available_methods()``) or a
+            :class:`gradbal.methods.Method` instance.
+        nonfinite: what :meth:`step` does when an objective's gradient has a NaN/Inf:
+            ``"raise"`` (default; ``FloatingPointError`` naming the objective, parameters and
+            optimizer state untouched), ``"skip"`` (no update; counted in
+            ``last_stats.skipped_steps``) or ``"ignore"``. Checking costs one host sync inside
+            ``step()``, as GradScaler's does. Under a GradScaler the scaler handles it.
+        gram_params: ``"shared"`` or ``"all"`` (see above).
+        seed: seed of the optimizer's own generator (random methods such as PCGrad); ``None``
+            draws it from torch's global RNG, so ``torch.manual_seed`` makes runs repeatable.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the two passes.
+        **method_options: options of the named method (e.g. ``max_norm=1.0`` for MoKD).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        method: str | Method = "mokd",
+        *,
+        nonfinite: str = "raise",
+        gram_params: str = "shared",
+        seed: int | None = None,
+        backend: str = "auto",
+        **method_options: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "MultiObjectiveOptimizer wraps a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}; e.g. MultiObjectiveOptimizer(torch.optim.SGD(...))"
+            )
+        if isinstance(optimizer, MultiObjectiveOptimizer):
+            raise TypeError("the optimizer is already a MultiObjectiveOptimizer; wrap it once")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if gram_params not in GRAM_PARAMS:
+            raise ValueError(f"gram_params must be one of {GRAM_PARAMS}, got {gram_params!r}")
+        if backend not in _ops.BACKENDS:
+            raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
+        self.method = get_method(method, **method_options)
+        # The base initialiser sets up the hook dictionaries and step patching that
+        # schedulers and profilers rely on; its own param_groups/state are then replaced
+        # by the wrapped optimizer's, so both objects see one set of groups and one state.
+        super().__init__([torch.zeros(0, requires_grad=True)], {})
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+        self.nonfinite = nonfinite
+        self.gram_params = gram_params
+        self.backend = backend
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_stats: StepStats | None = None
+        self.skipped_steps = 0
+        self.num_objectives: int | None = None
+        self._store: GradientStore | None = None
+        self._recorder = _ReachRecorder()
+        self._pending_nonfinite: Tensor | None = None
+
+    # ----------------------------------------------------------------- validation
+    def _check_losses(self, losses: Any) -> list[Tensor]:
+        if isinstance(losses, Tensor):
+            raise TypeError(
+                "backward expects a list of scalar losses, one per objective, got a single "
+                "tensor; pass [loss_task, loss_kd, ...] (or list(t) for a 1-D tensor of losses)"
+            )
+        try:
+            losses = list(losses)
+        except TypeError:
+            raise TypeError(
+                f"backward expects a list of scalar losses, got {type(losses).__name__}"
+            ) from None
+        if len(losses) < 2:
+            raise ValueError(
+                f"backward needs at least 2 losses to balance, got {len(losses)}; for one "
+                "objective call loss.backward() and the wrapped optimizer directly"
+            )
+        for k, loss in enumerate(losses):
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss {k} is a {type(loss).__name__}, expected a torch.Tensor")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss {k} has shape {tuple(loss.shape)}; each loss must be a scalar "
+                    "(reduce it with .mean() or .sum())"
+                )
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"loss {k} does not require grad: it was computed without a graph "
+                    "(under torch.no_grad(), from detached tensors, or from frozen modules)"
+                )
+            if loss.device != losses[0].device:
+                raise ValueError(
+                    f"loss {k} is on {loss.device} but loss 0 is on {losses[0].device}; "
+                    "compute all losses on one device"
+                )
+        self.method.check_num_objectives(len(losses))
+        if self.method.stateful and self.num_objectives not in (None, len(losses)):
+            raise ValueError(
+                f"method {self.method.name!r} keeps state for {self.num_objectives} objectives "
+                f"but {len(losses)} losses were given; pass the same losses every step or "
+                "build a new optimizer"
+            )
+        return losses
+
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        seen: set[int] = set()
+        params = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        if not params:
+            raise ValueError("the optimizer holds no parameter that requires grad")
+        return params
+
+    def _get_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
+        key = tuple(id(p) for p in params)
+        if self._store is None or self._store.key != key:
+            self._store = GradientStore(params)
+            self._recorder.attach(params)
+        return self._store
+
+    # ----------------------------------------------------------------- the step
+    def backward(self, losses: Sequence[Tensor], scaler: Any = None) -> None:
+        """Compute every objective's gradient, balance them, write the result into ``.grad``.
+
+        Args:
+            losses: K >= 2 scalar losses (the task loss and one or more distillation losses).
+            scaler: a ``torch.amp.GradScaler``; each loss is scaled for its backward, the
+                weights come from the unscaled Gram matrix (divided by scale^2) and are applied
+                to the scaled gradients, so ``.grad`` carries the scale ``scaler.step`` expects.
+
+        On any error nothing changes: parameters, ``.grad``, optimizer and method state are
+        as they were before the call.
+        """
+        losses = self._check_losses(losses)
+        k = len(losses)
+        params = self._trainable_params()
+        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(
+            torch.float64
+        )
+        if self.method.requires_nonnegative_losses:
+            # The one host sync of a step, before the first backward: a negative loss must be
+            # refused before anything is written.
+            negative = loss_values < 0
+            if bool(negative.any()):
+                bad = [i for i, v in enumerate(negative.tolist()) if v]
+                raise ValueError(
+                    f"loss {bad[0]} is negative ({loss_values[bad[0]].item():.4g}); method "
+                    f"{self.method.name!r} scales gradients by 1/loss and needs losses >= 0. "
+                    "Use a non-negative loss or pass log_scale=False"
+                )
+        enabled_scaler = scaler is not None and scaler.is_enabled()
+        if not self.method.requires_task_gradients:
+            self._backward_weighted_sum(losses, loss_values, params, scaler if enabled_scaler else None)
+            return
+        to_backward = [scaler.scale(loss) for loss in losses] if enabled_scaler else losses
+
+        store = self._get_store(params)
+        snapshot = store.snapshot_grads()
+        reached_by: list[list[bool]] = []
+        try:
+            store.allocate(k)
+            store.zero_rows()
+            for i, loss in enumerate(to_backward):
+                store.point_grads_at_row(i)
+                self._recorder.begin(len(params))
+                try:
+                    torch.autograd.backward(loss, inputs=params, retain_graph=i < k - 1)
+                finally:
+                    self._recorder.end()
+                if not any(self._recorder.reached):
+                    raise ValueError(
+                        f"loss {i} does not depend on any parameter of the optimizer; check that "
+                        "it is computed from the model being trained and that those parameters "
+                        "were passed to the optimizer"
+                    )
+                reached_by.append(self._recorder.reached)
+        except BaseException:
+            store.restore_grads(snapshot)
+            raise
+
+        gram = self._gram(store, k, loss_values.device)
+        nonfinite = ~torch.isfinite(gram.diagonal())
+        counts = [sum(col) for col in zip(*reached_by)]
+        if self.gram_params == "shared":
+            gram = self._drop_unshared(store, gram, reached_by, counts)
+        if enabled_scaler:
+            scale = scaler._get_scale_async().to(device=gram.device, dtype=torch.float64)
+            gram = gram / (scale * scale)
+        weights = self.method.weights(gram, loss_values, self.generator)
+
+        accumulate = store.prepare_out(snapshot)
+        for g in store.groups:
+            _ops.combine(
+                g.rows, weights.to(g.device), g.out, accumulate=accumulate, backend=self.backend
+            )
+        store.point_grads_at_out([c > 0 for c in counts], snapshot)
+
+        self.num_objectives = k
+        check = self.nonfinite != "ignore" and not enabled_scaler
+        self._pending_nonfinite = nonfinite if check else None
+        self.last_stats = StepStats.from_gram(
+            weights, gram, loss_values, nonfinite, self.skipped_steps
+        )
+
+    def _backward_weighted_sum(
+        self, losses: list[Tensor], loss_values: Tensor, params: list[Tensor], scaler: Any
+    ) -> None:
+        """Loss-based methods: one backward of ``sum_k w_k L_k`` (weights detached)."""
+        weights = self.method.weights(None, loss_values, self.generator)
+        total = sum(w * loss for w, loss in zip(weights.to(losses[0].dtype).unbind(), losses))
+        if scaler is not None:
+            total = scaler.scale(total)
+        torch.autograd.backward(total, inputs=params)
+        self.num_objectives = len(losses)
+        nonfinite = ~torch.isfinite(loss_values)
+        check = self.nonfinite != "ignore" and scaler is None
+        self._pending_nonfinite = nonfinite if check else None
+        self.last_stats = StepStats(
+            weights=weights,
+            gram=None,
+            norms=None,
+            cosines=None,
+            losses=loss_values,
+            nonfinite=nonfinite,
+            skipped_steps=self.skipped_steps,
+        )
+
+    def _gram(self, store: GradientStore, k: int, device: torch.device) -> Tensor:
+        gram = None
+        for g in store.groups:
+            part = _ops.gram(g.rows, backend=self.backend).to(device)
+            gram = part if gram is None else gram + part
+        return gram
+
+    def _drop_unshared(
+        self,
+        store: GradientStore,
+        gram: Tensor,
+        reached_by: list[list[bool]],
+        counts: list[int],
+    ) -> Tensor:
+        """Remove parameters only one objective reaches from the Gram matrix.
+
+        Such a parameter's rows are zero for every other objective, so it only adds
+        ``||g_k||^2`` over its segment to ``G_kk``: subtracting that (one small read of those
+        segments) gives the Gram matrix of the shared parameters.
+        """
+        unshared = [i for i, c in enumerate(counts) if c == 1]
+        if not unshared:
+            return gram
+        correction = torch.zeros(gram.shape[0], dtype=torch.float64, device=gram.device)
+        for i in unshared:
+            owner = next(k for k, reached in enumerate(reached_by) if reached[i])
+            seg = store.row_segment(i, owner).double()
+            correction[owner] += (seg @ seg).to(gram.device)
+        return gram - torch.diag(correction)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply the balanced gradient with the wrapped optimizer.
+
+        ``closure``, if given, is called with grad enabled and must call
+        :meth:`backward` itself; its return value is returned.
+        """
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        pending, self._pending_nonfinite = self._pending_nonfinite, None
+        if pending is not None and bool(pending.any()):  # one sync, like GradScaler's
+            bad = [i for i, v in enumerate(pending.tolist()) if v]
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"objective(s) {bad} produced non-finite gradients (NaN or Inf); nothing "
+                    "was updated. Check those losses, lower the learning rate, or pass "
+                    "nonfinite='skip' to skip such steps"
+                )
+            self.skipped_steps += 1
+            if self.last_stats is not None:
+                self.last_stats.skipped_steps = self.skipped_steps
+            return result
+        self.optimizer.step()
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Same as the wrapped optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._pending_nonfinite = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Called once by the base initialiser before self.optimizer exists.
+        if "optimizer" not in self.__dict__:
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus the method's state and the generator."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            _STATE_KEY: {
+                "method": self.method.name,
+                "method_state": self.method.state_dict(),
+                "generator": self.generator.get_state(),
+                "skipped_steps": self.skipped_steps,
+                "num_objectives": self.num_objectives,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or _STATE_KEY not in state_dict:
+            raise ValueError(
+                "not a MultiObjectiveOptimizer state dict (no 'gradbal' entry); a plain "
+                "optimizer's state dict loads with opt.optimizer.load_state_dict(...)"
+            )
+        ours = state_dict[_STATE_KEY]
+        if ours["method"] != self.method.name:
+            raise ValueError(
+                f"the checkpoint was saved with method {ours['method']!r}, this optimizer "
+                f"uses {self.method.name!r}"
+            )
+        generator = torch.Generator()
+        generator.set_state(ours["generator"])  # validate before changing anything
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.method.load_state_dict(ours["method_state"])
+        self.generator.set_state(ours["generator"])
+        self.skipped_steps = int(ours["skipped_steps"])
+        self.num_objectives = ours["num_objectives"]
+        # The wrapped optimizer may rebind its state dict; keep sharing it.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+    def __repr__(self) -> str:
+        return f"MultiObjectiveOptimizer({self.method!r}, {self.optimizer!r})"
