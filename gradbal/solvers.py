@@ -14,8 +14,8 @@ The central problem is the min-norm point of the convex hull of K vectors (MGDA,
   relative interior of some face S of the simplex, where it solves the KKT system
   ``[[G_SS, 1], [1^T, 0]] [w_S; -lam] = [0; 1]``. All 2^K - 1 systems are solved in one
   batched ``linalg.solve_ex``; the feasible solution of smallest objective is the optimum.
-* Larger K uses a fixed number of accelerated projected-gradient (FISTA) steps followed by
-  the same KKT polish on the support it found.
+* Larger K uses a primal active-set method (Wolfe's) with a fixed number of iterations,
+  each one KKT solve on the current support.
 """
 
 from __future__ import annotations
@@ -78,33 +78,37 @@ def _objective(gram: Tensor, w: Tensor) -> Tensor:
     return torch.einsum("...i,...ij,...j->...", w, gram, w)
 
 
-def _kkt_solve(gram: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def _kkt_solve_raw(gram: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Solve the equality-constrained min-norm problem on the face given by ``mask``.
 
-    gram: [..., K, K]; mask: [..., K] bool. Returns (w [..., K] with zeros off the support,
-    valid [...] bool: the system was solved accurately and w >= 0).
+    gram: [..., K, K]; mask: [..., K] bool. Returns the unclamped weights (zeros off the
+    support) and whether the linear system was solved accurately (``solve_ex`` does not
+    check for singularity, since that check would sync with the host; the residual does).
     """
     k = gram.shape[-1]
     m = mask.to(gram.dtype)
     mm = m.unsqueeze(-1) * m.unsqueeze(-2)
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    top = gram * mm + eye * (1 - m).unsqueeze(-1)  # off-support rows pin w_i = 0
-    a = torch.zeros(*mm.shape[:-2], k + 1, k + 1, dtype=gram.dtype, device=gram.device)
-    a[..., :k, :k] = top
+    batch = torch.broadcast_shapes(gram.shape[:-2], mask.shape[:-1])
+    a = torch.zeros(*batch, k + 1, k + 1, dtype=gram.dtype, device=gram.device)
+    a[..., :k, :k] = gram * mm + eye * (1 - m).unsqueeze(-1)  # off-support rows pin w_i = 0
     a[..., :k, k] = m
     a[..., k, :k] = m
-    b = torch.zeros(*mm.shape[:-2], k + 1, dtype=gram.dtype, device=gram.device)
-    b[..., k] = 1
-    # solve_ex does not check for singularity (that check would sync); the residual does.
-    x, _ = torch.linalg.solve_ex(a, b.unsqueeze(-1))
+    b = torch.zeros(*batch, k + 1, 1, dtype=gram.dtype, device=gram.device)
+    b[..., k, 0] = 1
+    x, _ = torch.linalg.solve_ex(a, b)
+    residual = (a @ x - b).squeeze(-1).abs().amax(-1)
     x = x.squeeze(-1)
-    residual = (a @ x.unsqueeze(-1)).squeeze(-1) - b
-    res_ok = residual.abs().amax(-1) <= 1e-9 * (1 + x.abs().amax(-1))
-    w = x[..., :k] * m
-    valid = res_ok & torch.isfinite(x).all(-1) & (w >= -1e-12).all(-1)
+    solved = (residual <= 1e-9 * (1 + x.abs().amax(-1))) & torch.isfinite(x).all(-1)
+    return x[..., :k] * m, solved
+
+
+def _kkt_solve(gram: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Like :func:`_kkt_solve_raw`, returning simplex weights and ``valid`` = solved and >= 0."""
+    w, solved = _kkt_solve_raw(gram, mask)
+    valid = solved & (w >= -1e-12).all(-1)
     w = w.clamp_min(0)
-    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
-    return w, valid
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-300), valid
 
 
 def _min_norm_enumerate(gram: Tensor) -> Tensor:
@@ -132,35 +136,53 @@ def project_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def _min_norm_fista(gram: Tensor, iterations: int) -> Tensor:
+def _min_norm_active_set(gram: Tensor, iterations: int) -> Tensor:
+    """Primal active-set method (Wolfe 1976) with a fixed number of iterations.
+
+    The support S starts at the best vertex. Each iteration solves the KKT system on S:
+    if that solution is feasible it becomes the iterate and the most violated KKT condition
+    ``(G w)_i < w^T G w`` outside S joins S; otherwise the iterate moves toward it until a
+    weight hits zero (ratio test) and those leave S. Once optimal, an iteration changes
+    nothing, so extra iterations are harmless; every decision is a ``torch.where``.
+    """
     k = gram.shape[-1]
-    # Step 1/L with L an upper bound of lambda_max: min(trace, Gershgorin row bound).
-    lips = torch.minimum(
-        gram.diagonal(dim1=-2, dim2=-1).sum(-1), gram.abs().sum(-1).amax(-1)
-    ).clamp_min(1e-30)
-    step = (1.0 / lips).unsqueeze(-1)
-    w = torch.full(gram.shape[:-1], 1.0 / k, dtype=gram.dtype, device=gram.device)
-    y = w
-    t = 1.0
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    eye = torch.eye(k, dtype=torch.bool, device=gram.device)
+    support = eye[diag.argmin(-1)]
+    w = support.to(gram.dtype)
+    tol = 1e-12 * diag.amax(-1).clamp_min(1e-300)
     for _ in range(iterations):
-        grad = (gram @ y.unsqueeze(-1)).squeeze(-1)
-        w_next = project_simplex(y - step * grad)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        y = w_next + ((t - 1) / t_next) * (w_next - w)
-        w, t = w_next, t_next
-    # Polish: the exact minimiser on the face FISTA found, kept only where it is better.
-    support = w > 1e-9
-    w_kkt, valid = _kkt_solve(gram, support)
-    better = valid & (_objective(gram, w_kkt) <= _objective(gram, w))
-    return torch.where(better.unsqueeze(-1), w_kkt, w)
+        v_raw, _ = _kkt_solve_raw(gram, support)
+        feasible = (v_raw >= 0).all(-1, keepdim=True) & torch.isfinite(v_raw).all(-1, keepdim=True)
+        v = v_raw.clamp_min(0)
+        # Feasible: accept, then add the most violated index outside S.
+        gw = (gram @ v.unsqueeze(-1)).squeeze(-1)
+        obj = (gw * v).sum(-1, keepdim=True)
+        slack = torch.where(support, torch.full_like(gw, float("inf")), gw - obj)
+        worst = slack.argmin(-1)
+        violated = (slack.gather(-1, worst.unsqueeze(-1)) < -tol.unsqueeze(-1))
+        grown = support | (eye[worst] & violated)
+        # Infeasible: step from w toward v_raw until the first weight reaches zero.
+        shrinking = v_raw < w
+        ratio = torch.where(
+            shrinking & support, w / (w - v_raw).clamp_min(1e-300), torch.full_like(w, float("inf"))
+        )
+        alpha = ratio.amin(-1, keepdim=True).clamp(0, 1)
+        w_step = (w + alpha * (v_raw - w)).clamp_min(0)
+        w_step = torch.where(support, w_step, torch.zeros_like(w_step))
+        shrunk = support & (w_step > 1e-15)
+        w_step = w_step / w_step.sum(-1, keepdim=True).clamp_min(1e-300)
+        w = torch.where(feasible, v, w_step)
+        support = torch.where(feasible, grown, shrunk)
+    return w
 
 
-def min_norm_simplex(gram: Tensor, iterations: int = 256) -> Tensor:
+def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     """Weights of the min-norm point of the convex hull of the vectors whose Gram is ``gram``.
 
     Args:
         gram: [..., K, K] symmetric PSD matrix (any float dtype; solved in float64).
-        iterations: FISTA steps used when K > ``EXACT_MAX_K``.
+        iterations: active-set iterations used when K > ``EXACT_MAX_K`` (default 4K).
 
     Returns:
         w [..., K] on the simplex minimising ``w^T G w``, finite for any finite input
@@ -181,5 +203,5 @@ def min_norm_simplex(gram: Tensor, iterations: int = 256) -> Tensor:
     elif k <= EXACT_MAX_K:
         w = _min_norm_enumerate(g)
     else:
-        w = _min_norm_fista(g, iterations)
+        w = _min_norm_active_set(g, 4 * k if iterations is None else iterations)
     return w.to(out_dtype)
