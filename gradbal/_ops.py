@@ -78,13 +78,14 @@ def _fallback(err: Exception) -> None:
 
 
 def gram_torch(rows: Tensor) -> Tensor:
-    """Reference Gram pass: ``G = rows @ rows.T`` as float64, fp32 partials per chunk."""
+    """Reference Gram pass: ``G = rows @ rows.T`` as float64, summing per-chunk partial
+    products computed in fp32 (fp64 for fp64 rows)."""
     k, n = rows.shape
     acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
     for start in range(0, n, _CHUNK):
         block = rows[:, start : start + _CHUNK]
-        if block.dtype != torch.float32:
-            block = block.float()
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.float()  # half types: multiply in fp32
         acc += (block @ block.T).double()
     return acc
 

@@ -35,9 +35,10 @@ __all__ = [
 #: Largest K solved by support enumeration (2^K - 1 small linear systems, batched).
 EXACT_MAX_K = 8
 
-# A ridge relative to the largest diagonal entry: makes the min-norm weights unique when the
-# gradients are linearly dependent (equal rows give equal weights) at a cost far below 1e-5.
-_RIDGE = 1e-10
+# A ridge relative to the largest diagonal entry (K > 2 only): makes the min-norm weights
+# unique when the gradients are linearly dependent (equal rows get equal weights: exactly
+# for K <= EXACT_MAX_K, to ~1e-4 relative above it) and changes the optimum far below 1e-5.
+_RIDGE = 1e-12
 
 
 def _normalise(gram: Tensor) -> Tensor:
@@ -150,7 +151,7 @@ def _min_norm_active_set(gram: Tensor, iterations: int) -> Tensor:
     eye = torch.eye(k, dtype=torch.bool, device=gram.device)
     support = eye[diag.argmin(-1)]
     w = support.to(gram.dtype)
-    tol = 1e-12 * diag.amax(-1).clamp_min(1e-300)
+    tol = 1e-15 * diag.amax(-1).clamp_min(1e-300)  # below the ridge, above rounding
     for _ in range(iterations):
         v_raw, _ = _kkt_solve_raw(gram, support)
         feasible = (v_raw >= 0).all(-1, keepdim=True) & torch.isfinite(v_raw).all(-1, keepdim=True)
@@ -195,7 +196,8 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     out_dtype = gram.dtype
     g = _normalise(gram.to(torch.float64))
     g = (g + g.transpose(-1, -2)) / 2
-    g = g + _RIDGE * torch.eye(k, dtype=g.dtype, device=g.device)
+    if k > 2:  # the closed form needs no ridge: it handles g1 = g2 itself
+        g = g + _RIDGE * torch.eye(k, dtype=g.dtype, device=g.device)
     if k == 1:
         w = torch.ones(g.shape[:-1], dtype=g.dtype, device=g.device)
     elif k == 2:
