@@ -11,16 +11,22 @@ Three lines to adopt::
 from ._aggregate import aggregate
 from ._optimizer import MultiObjectiveOptimizer
 from .diagnostics import StepStats
+from .kd import FeatureCapture, FrozenTeacher, kd_loss
 from .methods import Method, available_methods, get_method, register_method
+from .projector import SubspaceProjector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureCapture",
+    "FrozenTeacher",
     "Method",
     "MultiObjectiveOptimizer",
     "StepStats",
+    "SubspaceProjector",
     "aggregate",
     "available_methods",
     "get_method",
+    "kd_loss",
     "register_method",
 ]
