@@ -1,0 +1,40 @@
+"""Fused Triton kernels for the two memory-bound passes of a balanced step (``gradbal.kernels``).
+
+A step over K task gradients stored as the rows of a [K, N] matrix reads the rows twice and
+writes one row: the floor is (2K + 1) x N x element size bytes.
+
+* :func:`gram` / :func:`gram_with_nonfinite` (:mod:`.gram`): all K(K+1)/2 dot products in one
+  read, fp32 accumulation, deterministic two-stage reduction, float64 [K, K] result (and a
+  per-row count of inf/NaN entries from the same read).
+* :func:`combine` (:mod:`.combine`): ``out (+)= scale * sum_k w_k rows[k]`` in one read and one
+  write, in place into a row of the store if asked.
+
+``gradbal._ops`` dispatches to these for CUDA tensors when :data:`AVAILABLE`. This package
+imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
+Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AVAILABLE", "combine", "gram", "gram_with_nonfinite"]
+
+try:
+    from .combine import combine
+    from .gram import gram, gram_with_nonfinite
+except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
+    if not (_err.name or "").startswith("triton"):
+        raise
+    AVAILABLE = False
+    _REASON = f"gradbal.kernels needs Triton ({_err}); install the 'triton' extra"
+
+    def gram(rows):  # noqa: D103
+        raise RuntimeError(_REASON)
+
+    def gram_with_nonfinite(rows):  # noqa: D103
+        raise RuntimeError(_REASON)
+
+    def combine(rows, weights, out, accumulate=False, scale=None):  # noqa: D103
+        raise RuntimeError(_REASON)
+
+else:
+    AVAILABLE = True

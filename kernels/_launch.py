@@ -1,0 +1,56 @@
+"""Launch helpers shared by the kernels: argument checks and the persistent grid size.
+
+Nothing here reads tensor values, so nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["SUPPORTED_DTYPES", "check_rows", "next_pow2", "num_programs"]
+
+#: Element types of the gradient store the kernels read (they accumulate in fp32).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Programs per "SM" when running under Triton's CPU interpreter. The interpreter runs programs
+# one after another, so this only sets how many partial results the tests see; it is kept
+# small so each program loops over several column blocks (the persistent-loop path).
+_INTERPRETER_SMS = 4
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x (Triton block shapes must be powers of two)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_programs(rows: Tensor, num_blocks: int, per_sm: int, interpreted: bool) -> int:
+    """Persistent grid: about ``per_sm`` programs per SM, never more than there are blocks
+    (and at least one, so an empty store still writes its zero partials)."""
+    if interpreted or not rows.is_cuda:
+        sms = _INTERPRETER_SMS
+    else:
+        sms = _sm_count(rows.device.index if rows.device.index is not None else 0)
+    return max(1, min(num_blocks, sms * per_sm))
+
+
+def check_rows(rows: Tensor, interpreted: bool, what: str) -> None:
+    """Shape/layout/device checks on the [K, N] store (metadata only: no host sync)."""
+    if not isinstance(rows, Tensor) or rows.dim() != 2:
+        raise ValueError(f"{what}: rows must be a 2-D [K, N] tensor, got {getattr(rows, 'shape', rows)}")
+    if rows.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: rows dtype must be one of {SUPPORTED_DTYPES}, got {rows.dtype}")
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        raise ValueError(f"{what}: rows must have contiguous rows (column stride 1), got strides {rows.stride()}")
+    if not interpreted and not rows.is_cuda:
+        raise ValueError(
+            f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
+            "gradbal.kernels is imported); use gradbal._ops' torch backend for CPU tensors"
+        )
