@@ -27,13 +27,13 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
     AVAILABLE = False
     _REASON = f"gradbal.kernels needs Triton ({_err}); install the 'triton' extra"
 
-    def gram(rows):  # noqa: D103
+    def gram(rows):
         raise RuntimeError(_REASON)
 
-    def gram_with_nonfinite(rows):  # noqa: D103
+    def gram_with_nonfinite(rows):
         raise RuntimeError(_REASON)
 
-    def combine(rows, weights, out, accumulate=False, scale=None):  # noqa: D103
+    def combine(rows, weights, out, accumulate=False, scale=None):
         raise RuntimeError(_REASON)
 
 else:

@@ -26,7 +26,7 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -44,11 +44,15 @@ def num_programs(rows: Tensor, num_blocks: int, per_sm: int, interpreted: bool) 
 def check_rows(rows: Tensor, interpreted: bool, what: str) -> None:
     """Shape/layout/device checks on the [K, N] store (metadata only: no host sync)."""
     if not isinstance(rows, Tensor) or rows.dim() != 2:
-        raise ValueError(f"{what}: rows must be a 2-D [K, N] tensor, got {getattr(rows, 'shape', rows)}")
+        raise ValueError(
+            f"{what}: rows must be a 2-D [K, N] tensor, got {getattr(rows, 'shape', rows)}"
+        )
     if rows.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{what}: rows dtype must be one of {SUPPORTED_DTYPES}, got {rows.dtype}")
     if rows.shape[1] > 1 and rows.stride(1) != 1:
-        raise ValueError(f"{what}: rows must have contiguous rows (column stride 1), got strides {rows.stride()}")
+        raise ValueError(
+            f"{what}: rows must have contiguous rows (column stride 1), got strides {rows.stride()}"
+        )
     if not interpreted and not rows.is_cuda:
         raise ValueError(
             f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "

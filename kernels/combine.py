@@ -150,7 +150,7 @@ def _bf16_round_nearest_even(x):
     bits = x.to(tl.uint32, bitcast=True)
     lsb = (bits >> 16) & 1
     rounded = ((bits + 0x7FFF + lsb) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)  # noqa: PLR0124 (NaN test)
 
 
 INTERPRETED = "Interpreted" in type(_combine_kernel).__name__
@@ -163,7 +163,9 @@ _ROW_BYTES_PER_BLOCK = 4096
 def _check_out(rows: Tensor, out: Tensor) -> None:
     k, n = rows.shape
     if not isinstance(out, Tensor) or out.dim() != 1 or out.shape[0] != n:
-        raise ValueError(f"combine: out must be a 1-D tensor of {n} elements, got {getattr(out, 'shape', out)}")
+        raise ValueError(
+            f"combine: out must be a 1-D tensor of {n} elements, got {getattr(out, 'shape', out)}"
+        )
     if out.dtype not in OUT_DTYPES:
         raise TypeError(f"combine: out dtype must be one of {OUT_DTYPES}, got {out.dtype}")
     if n > 1 and out.stride(0) != 1:
@@ -209,7 +211,9 @@ def combine(
     _check_out(rows, out)
     k, n = rows.shape
     if not isinstance(weights, Tensor) or weights.shape != (k,) or not weights.is_floating_point():
-        raise ValueError(f"combine: weights must be a floating tensor of shape ({k},), got {weights!r}")
+        raise ValueError(
+            f"combine: weights must be a floating tensor of shape ({k},), got {weights!r}"
+        )
     if weights.device != rows.device:
         weights = weights.to(rows.device, non_blocking=True)
     if k == 0:  # an empty sum

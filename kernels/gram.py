@@ -78,10 +78,24 @@ _alloc = torch.empty
 # --------------------------------------------------------------------------------------------
 
 
+# Columns per float64 chunk in the references (bounds their temporary memory).
+_REF_CHUNK = 1 << 22
+
+
+def _gram64(rows: Tensor, absolute: bool = False) -> Tensor:
+    k, n = rows.shape
+    acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    for start in range(0, n, _REF_CHUNK):
+        c = rows[:, start : start + _REF_CHUNK].double()
+        if absolute:
+            c = c.abs()
+        acc += c @ c.T
+    return acc
+
+
 def gram_reference(rows: Tensor) -> Tensor:
     """``rows @ rows.T`` in float64 (the exact Gram matrix of the stored values, up to fp64)."""
-    r = rows.double()
-    return r @ r.T
+    return _gram64(rows)
 
 
 def nonfinite_reference(rows: Tensor) -> Tensor:
@@ -233,7 +247,10 @@ def plan_gram(k: int, n: int, dtype: torch.dtype, rows: Tensor | None = None) ->
     use_dot = kp > fma_limit
     if use_dot:
         kp = max(16, kp)
-        block, num_warps = 128, 4
+        # [KP, B] tile of 2K elements (B = 128, 64, 32 for KP = 16, 32, 64) beside a float64
+        # [KP, KP] accumulator.
+        block = 2048 // kp
+        num_warps = 8 if kp >= 64 else 4
     else:
         # 16K fp32 lane accumulators (64 per thread at 8 warps): B = 4096, 1024, 256, 64
         # columns for KP = 2, 4, 8, 16, i.e. 32 KiB (fp32) in flight per program and block.
@@ -285,7 +302,7 @@ def _gram(rows: Tensor, count_nonfinite: bool) -> tuple[Tensor, Tensor | None]:
         KP=kp,
         BLOCK_P=block_p,
         COUNT_NONFINITE=count_nonfinite,
-        num_warps=4,
+        num_warps=8 if kp * kp >= 4096 else 4,
     )
     return g, (counts if count_nonfinite else None)
 
@@ -307,11 +324,11 @@ def gram_error_bound(rows: Tensor) -> Tensor:
     """Worst-case |G - G_exact| of :func:`gram` for these rows (float64 [K, K]):
     ``gamma_m * sum_c |x_i[c]| |x_j[c]|`` with ``gamma_m = m u / (1 - m u)``, u = 2^-24 (fp32)
     and m = the plan's fp32 accumulation depth + 1 (the rounding of an fp32 product, or of the
-    fp32 lane/block sum into float64), plus the float64 sums (at most N + P terms, u = 2^-53)."""
+    fp32 lane/block sum into float64), plus float64 sums of at most N + P terms (u = 2^-53),
+    counted twice so the bound also covers a float64 reference's own rounding."""
     k, n = rows.shape
     plan = plan_gram(k, n, rows.dtype, rows)
     m = plan.accumulation_depth(n) + 1
     u = 2.0**-24
-    gamma = m * u / (1 - m * u) + (n + plan.num_programs) * 2.0**-53
-    a = rows.double().abs()
-    return gamma * (a @ a.T)
+    gamma = m * u / (1 - m * u) + 2 * (n + plan.num_programs) * 2.0**-53
+    return gamma * _gram64(rows, absolute=True)

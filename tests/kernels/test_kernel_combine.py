@@ -56,8 +56,16 @@ def test_combine_accumulate(k, n, dtype, device, combine_mod, rows_of):
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("k,n,dtype", [(2, 100003, torch.bfloat16), (5, 4097, torch.float32),
-                                       (16, 7, torch.float16), (3, 1, torch.float32)], ids=str)
+@pytest.mark.parametrize(
+    "k,n,dtype",
+    [
+        (2, 100003, torch.bfloat16),
+        (5, 4097, torch.float32),
+        (16, 7, torch.float16),
+        (3, 1, torch.float32),
+    ],
+    ids=str,
+)
 def test_combine_in_place_into_a_row(k, n, dtype, accumulate, device, combine_mod, rows_of):
     """out = rows[j]: the update lands in the store itself (every column is read before it is
     written, so the result equals the out-of-place one)."""

@@ -69,8 +69,10 @@ def test_nonfinite_counts(k, n, dtype, device, poison, gram_mod, rows_of):
     clean = (~bad).nonzero().flatten()
     if clean.numel():
         sub = rows[clean]
-        assert ((g[clean][:, clean] - gram_mod.gram_reference(sub)).abs()
-                <= gram_mod.gram_error_bound(sub)).all()
+        assert (
+            (g[clean][:, clean] - gram_mod.gram_reference(sub)).abs()
+            <= gram_mod.gram_error_bound(sub)
+        ).all()
 
 
 @pytest.mark.parametrize(

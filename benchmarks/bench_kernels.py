@@ -1,0 +1,360 @@
+"""Throughput of the two memory-bound passes (gram, combine) and of a whole balanced step.
+
+A step over K task gradients stored as the rows of a [K, N] matrix of element size s must read
+the rows twice and write one row: the floor is (2K + 1) N s bytes (gram reads K N s, combine
+reads K N s and writes N s). Each row of the report divides that traffic by the measured time
+and compares it with the device-to-device copy bandwidth measured in the same run, on a buffer
+of the same size (so both sides see the same caches).
+
+Ops:
+* ``gram``        : G = rows rows^T (float64 [K, K]).
+* ``combine``     : out = sum_k w_k rows[k].
+* ``step-mokd``   : ``gradbal.aggregate(rows, "mokd", losses=ones(K))``: gram, MoKD weights,
+                    combine.
+* ``step-pcgrad`` : ``gradbal.aggregate(rows, "pcgrad")``.
+
+Providers:
+* ``triton`` : gradbal.kernels (CUDA only; aggregate(..., backend="triton") for the steps).
+* ``torch``  : the flat torch path, gradbal._ops.gram_torch / combine_torch (matmul and
+               matrix-vector product; aggregate(..., backend="torch") for the steps).
+* ``loop``   : what per-pair libraries do: one torch.dot per pair, one fused axpy
+               (``out.addcmul_(row, w_k)``) per row, the method's weights in between.
+* ``torchjd``: TorchJD's aggregator on the [K, N] matrix (PCGrad; MGDA stands in for MoKD,
+               which TorchJD lacks), only when ``import torchjd`` works; steps only.
+
+Timing: CUDA events (the L2 cache is flushed before every repetition) on a GPU, perf_counter
+on CPU. For each row: median / p20 / p80 ms, GB/s of the op's floor traffic, % of the copy
+bandwidth, and (CUDA) whether the call synchronised with the host. On a CPU-only machine only
+the torch providers run (Triton's interpreter is a correctness tool, not a benchmark), N
+defaults to 1e5 and 1e6, and the script says so.
+
+    python benchmarks/bench_kernels.py --csv benchmarks/results/bench_kernels.csv
+    python benchmarks/bench_kernels.py --ks 8 --ns 1e7 --dtypes bf16 --ops step-pcgrad
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPS = ("gram", "combine", "step-mokd", "step-pcgrad")
+PROVIDERS = ("triton", "torch", "loop", "torchjd")
+FIELDS = [
+    "device",
+    "op",
+    "provider",
+    "dtype",
+    "K",
+    "N",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "bytes",
+    "GBps",
+    "copy_GBps",
+    "pct_of_copy",
+    "host_sync",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Times fn() reps times; CUDA events with an L2 flush before each rep, or perf_counter."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.flush = None
+        if device.type == "cuda":
+            # Larger than any current L2 (H100: 50 MB, H200: 60 MB).
+            self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> list[float]:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            for _ in range(self.reps):
+                self.flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) in the same unit."""
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def host_syncs(fn: Callable[[], object], device: torch.device) -> str:
+    """'yes' if fn synchronises with the host (CUDA sync debug mode), 'no', or 'n/a' on CPU."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "no"
+    except RuntimeError:
+        return "yes"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+_copy_cache: dict[tuple[int, int], float] = {}
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, timer: Timer) -> float:
+    """GB/s of dst.copy_(src) for a buffer of nbytes (read + write counted), cached per size."""
+    nbytes = max(nbytes, 4096)
+    key = (nbytes, device.index or 0)
+    if key not in _copy_cache:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        med, _, _ = quantiles(timer(lambda: dst.copy_(src)))
+        _copy_cache[key] = 2 * nbytes / (med * 1e-3) / 1e9
+        del src, dst
+    return _copy_cache[key]
+
+
+# --------------------------------------------------------------------------------------------
+# providers
+# --------------------------------------------------------------------------------------------
+
+
+def loop_gram(rows: torch.Tensor) -> torch.Tensor:
+    """One torch.dot per pair, as per-pair libraries compute the Gram matrix."""
+    k = rows.shape[0]
+    dots = {}
+    for i in range(k):
+        for j in range(i, k):
+            dots[i, j] = torch.dot(rows[i], rows[j])
+    return torch.stack(
+        [torch.stack([dots[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)]
+    ).double()
+
+
+def loop_combine(rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One axpy per row (fused multiply-add with an on-device 0-d weight: no host sync)."""
+    w = w.to(rows.dtype)
+    out.zero_()
+    for k in range(rows.shape[0]):
+        out.addcmul_(rows[k], w[k])
+    return out
+
+
+def make_fns(op: str, provider: str, rows, w, out, losses, gen) -> Callable[[], object] | None:
+    """The callable timed for (op, provider), or None when the provider cannot run here."""
+    import gradbal
+    from gradbal import _ops
+    from gradbal.methods import get_method
+
+    cuda = rows.is_cuda
+    if provider == "triton":
+        try:
+            from gradbal import kernels
+        except ImportError:
+            return None
+        if not (cuda and kernels.AVAILABLE):
+            return None
+        if op == "gram":
+            return lambda: kernels.gram(rows)
+        if op == "combine":
+            return lambda: kernels.combine(rows, w, out)
+    if provider == "torch":
+        if op == "gram":
+            return lambda: _ops.gram_torch(rows)
+        if op == "combine":
+            return lambda: _ops.combine_torch(rows, w, out)
+    if provider in ("triton", "torch"):
+        method = op.split("-", 1)[1]
+        kwargs = {"losses": losses} if method == "mokd" else {"generator": gen}
+        return lambda: gradbal.aggregate(rows, method, backend=provider, **kwargs)
+    if provider == "loop":
+        if op == "gram":
+            return lambda: loop_gram(rows)
+        if op == "combine":
+            return lambda: loop_combine(rows, w, out)
+        method = get_method(op.split("-", 1)[1])
+        loss_values = losses.double() if method.requires_losses else None
+
+        def step():
+            g = loop_gram(rows)
+            weights = method.weights(g, loss_values, gen)
+            return loop_combine(rows, weights, torch.empty_like(out))
+
+        return step
+    if provider == "torchjd":
+        if not op.startswith("step-"):
+            return None
+        try:
+            from torchjd import aggregation
+        except ImportError:
+            return None
+        agg = aggregation.PCGrad() if op == "step-pcgrad" else aggregation.MGDA()
+        return lambda: agg(rows)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def traffic(op: str, k: int, n: int, s: int) -> int:
+    """Floor bytes: gram K N s, combine (K + 1) N s, a step (2K + 1) N s."""
+    return {"gram": k * n * s, "combine": (k + 1) * n * s}.get(op, (2 * k + 1) * n * s)
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ks", default="2,4,8,16", help="comma-separated K values")
+    p.add_argument(
+        "--ns",
+        default=None,
+        help="comma-separated N values (default 1e6,1e7,1e8 on CUDA, 1e5,1e6 on CPU)",
+    )
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"from {sorted(DTYPES)}")
+    p.add_argument("--ops", default=",".join(OPS), help=f"from {OPS}")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"from {PROVIDERS}")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (CUDA 30, CPU 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CUDA 5, CPU 1)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    ks = [int(k) for k in args.ks.split(",")]
+    ns = [int(float(n)) for n in (args.ns or ("1e6,1e7,1e8" if cuda else "1e5,1e6")).split(",")]
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    ops = args.ops.split(",")
+    providers = args.providers.split(",")
+    for name, given, allowed in (("op", ops, OPS), ("provider", providers, PROVIDERS)):
+        bad = sorted(set(given) - set(allowed))
+        if bad:
+            sys.exit(f"unknown {name}(s) {bad}; choose from {allowed}")
+    timer = Timer(device, args.reps or (30 if cuda else 5), args.warmup or (5 if cuda else 1))
+
+    if cuda:
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = (
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
+        print(
+            "No CUDA device: timing the torch providers on CPU only (Triton's interpreter is "
+            f"not a benchmark); N defaults to 1e5 and 1e6. Device: {name}"
+        )
+    print(f"torch {torch.__version__}, device {name}")
+    big = copy_bandwidth(min(2**30, free_bytes(device) // 8), device, timer)
+    print(f"device-to-device copy bandwidth (large buffer): {big:.1f} GB/s\n")
+
+    header = (
+        f"{'op':<12} {'provider':<8} {'dtype':<5} {'K':>3} {'N':>10} {'median':>9} "
+        f"{'p20':>9} {'p80':>9} {'GB/s':>8} {'copy':>8} {'%copy':>6} {'sync':>4}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows_out = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype in dtypes:
+        s = torch.empty(0, dtype=dtype).element_size()
+        for n in ns:
+            for k in ks:
+                if 2 * k * n * s + 2**30 > free_bytes(device):
+                    print(f"(skipping K={k} N={n:.0e} {dtype}: not enough memory)")
+                    continue
+                rows = torch.randn(k, n, device=device, dtype=torch.float32).to(dtype)
+                w = torch.rand(k, device=device, dtype=torch.float64)
+                out = torch.empty(n, dtype=dtype, device=device)
+                losses = torch.ones(k, device=device)
+                for op in ops:
+                    nbytes = traffic(op, k, n, s)
+                    copy = copy_bandwidth(k * n * s, device, timer)
+                    for provider in providers:
+                        fn = make_fns(op, provider, rows, w, out, losses, gen)
+                        if fn is None:
+                            continue
+                        med, p20, p80 = quantiles(timer(fn))
+                        gbps = nbytes / (med * 1e-3) / 1e9
+                        row = {
+                            "device": name,
+                            "op": op,
+                            "provider": provider,
+                            "dtype": str(dtype)[6:],
+                            "K": k,
+                            "N": n,
+                            "median_ms": f"{med:.4f}",
+                            "p20_ms": f"{p20:.4f}",
+                            "p80_ms": f"{p80:.4f}",
+                            "bytes": nbytes,
+                            "GBps": f"{gbps:.1f}",
+                            "copy_GBps": f"{copy:.1f}",
+                            "pct_of_copy": f"{100 * gbps / copy:.1f}",
+                            "host_sync": host_syncs(fn, device),
+                        }
+                        rows_out.append(row)
+                        print(
+                            f"{op:<12} {provider:<8} {row['dtype']:<5} {k:>3} {n:>10.0e} "
+                            f"{med:>9.4f} {p20:>9.4f} {p80:>9.4f} {gbps:>8.1f} {copy:>8.1f} "
+                            f"{100 * gbps / copy:>6.1f} {row['host_sync']:>4}",
+                            flush=True,
+                        )
+                del rows, out
+                if cuda:
+                    torch.cuda.empty_cache()
+    print(
+        "\ntimes in ms; GB/s = floor traffic (gram K N s, combine (K+1) N s, step (2K+1) N s) "
+        "/ median; %copy = GB/s over the copy bandwidth of a K N s buffer"
+    )
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows_out)
+        print(f"wrote {len(rows_out)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
