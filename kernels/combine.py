@@ -179,14 +179,8 @@ def _check_out(rows: Tensor, out: Tensor) -> None:
     lo, hi = rows.data_ptr(), rows.data_ptr() + ((k - 1) * rows.stride(0) + n) * es
     o_lo, o_hi = out.data_ptr(), out.data_ptr() + n * out.element_size()
     if o_lo < hi and lo < o_hi:
-        delta = o_lo - lo
-        row_bytes = rows.stride(0) * es
-        is_row = (
-            out.dtype == rows.dtype
-            and delta % es == 0
-            and (k == 1 or delta % row_bytes == 0)
-            and 0 <= delta // max(row_bytes, 1) < k
-        )
+        row_starts = {lo + r * rows.stride(0) * es for r in range(k)}
+        is_row = out.dtype == rows.dtype and o_lo in row_starts
         if not is_row:
             raise ValueError(
                 "combine: out overlaps the rows without being one of them (a shifted or "

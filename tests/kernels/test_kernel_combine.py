@@ -115,6 +115,12 @@ def test_combine_rejects_unsafe_or_bad_input(device, combine_mod):
     flat = rows.view(-1)
     with pytest.raises(ValueError, match="overlaps"):
         combine_mod.combine(rows, w, flat[5:69])  # a shifted view of the store
+    wide = torch.zeros(1, 80, device=device)
+    with pytest.raises(ValueError, match="overlaps"):
+        combine_mod.combine(wide[:, :64], w[:1], wide[0, 3:67])  # K = 1, shifted in its row
+    with pytest.raises(ValueError, match="overlaps"):
+        combine_mod.combine(rows, w, flat.view(torch.bfloat16)[:64])  # the store, retyped
+    combine_mod.combine(wide[:, :64], w[:1], wide[0, :64])  # K = 1, in place: fine
     with pytest.raises(ValueError):
         combine_mod.combine(rows, torch.ones(2, device=device), torch.empty(64, device=device))
     with pytest.raises(ValueError):
