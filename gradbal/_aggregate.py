@@ -21,6 +21,7 @@ def aggregate(
     *,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    validate: bool = True,
     **method_options: Any,
 ) -> Tensor:
     """Balanced direction ``d = sum_k w_k g_k`` of the rows of ``grads``.
@@ -34,6 +35,8 @@ def aggregate(
         losses: [K] loss values, required by loss-aware methods such as ``"mokd"``.
         generator: seeded generator for random methods (``"pcgrad"``).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`gradbal._ops`).
+        validate: check the loss values' signs for log-scaling methods; this reads them on
+            the host (a sync on GPU). ``False`` makes the call sync-free.
         **method_options: options of the named method.
 
     Returns:
@@ -55,7 +58,7 @@ def aggregate(
         loss_values = torch.as_tensor(losses).detach().to(device=grads.device, dtype=torch.float64)
         if loss_values.shape != (k,):
             raise ValueError(f"losses must have shape ({k},) to match grads, got {tuple(loss_values.shape)}")
-        if m.requires_nonnegative_losses and bool((loss_values < 0).any()):
+        if validate and m.requires_nonnegative_losses and bool((loss_values < 0).any()):
             raise ValueError(
                 f"method {m.name!r} scales by log-losses and needs losses >= 0, got "
                 f"{loss_values.tolist()}; turn log_scale off for signed objectives"
