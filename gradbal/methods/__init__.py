@@ -7,18 +7,42 @@ here. See docs/ADDING_A_METHOD.md.
 
 from ._base import Method
 from ._registry import available_methods, get_method, register_method
+from .aligned_mtl import AlignedMTL
+from .cagrad import CAGrad
+from .config import ConFIG
+from .dual_cone import DualProj, UPGrad
+from .fairgrad import FairGrad
 from .fixed import Mean, Sum, Weighted
+from .gradvac import GradVac
+from .imtl import IMTLG
 from .mgda import MGDA
+from .mgda_normalized import MGDAL2, MGDALoss, MGDALossPlus, MGDANormalized
 from .mokd import MoKD
+from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
+from .random_weighting import RLW
 
 __all__ = [
+    "IMTLG",
     "MGDA",
+    "MGDAL2",
+    "RLW",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GradVac",
+    "MGDALoss",
+    "MGDALossPlus",
+    "MGDANormalized",
     "Mean",
     "Method",
     "MoKD",
+    "NashMTL",
     "PCGrad",
     "Sum",
+    "UPGrad",
     "Weighted",
     "available_methods",
     "get_method",

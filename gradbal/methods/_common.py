@@ -1,0 +1,70 @@
+"""Helpers shared by the method modules (private)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def to_device(cpu_tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait.
+
+    Random draws come from the optimizer's CPU generator; on CUDA they are staged through
+    pinned memory so the copy is asynchronous (a pageable copy would block the host).
+    """
+    if cpu_tensor.device == device:
+        return cpu_tensor
+    if device.type == "cuda":
+        return cpu_tensor.pin_memory().to(device, non_blocking=True)
+    return cpu_tensor.to(device)
+
+
+def check_pref_vector(pref_vector: Sequence[float] | Tensor | None) -> Tensor | None:
+    """Validate a preference vector (1-D, finite) and keep it as a float64 host tensor."""
+    if pref_vector is None:
+        return None
+    p = torch.as_tensor(pref_vector, dtype=torch.float64).detach().cpu()
+    if p.ndim != 1 or p.numel() < 1:
+        raise ValueError(f"pref_vector must be a 1-D sequence of numbers, got shape {tuple(p.shape)}")
+    if not torch.isfinite(p).all():
+        raise ValueError(f"pref_vector must be finite, got {p.tolist()}")
+    return p
+
+
+class PrefVector:
+    """A preference vector with a per-device cache (the host copy happens once per device)."""
+
+    def __init__(self, pref_vector: Sequence[float] | Tensor | None, default: str):
+        self.host = check_pref_vector(pref_vector)
+        self.default = default  # "mean" (1/K each) or "sum" (ones)
+        self._cache: dict[torch.device, Tensor] = {}
+
+    def check(self, k: int, method: str) -> None:
+        if self.host is not None and self.host.numel() != k:
+            raise ValueError(
+                f"method {method!r} has a pref_vector of {self.host.numel()} entries but {k} "
+                "objectives were given; pass one entry per objective"
+            )
+
+    def get(self, k: int, like: Tensor) -> Tensor:
+        if self.host is None:
+            value = 1.0 / k if self.default == "mean" else 1.0
+            return torch.full((k,), value, dtype=like.dtype, device=like.device)
+        cached = self._cache.get(like.device)
+        if cached is None:
+            cached = to_device(self.host, like.device)
+            self._cache[like.device] = cached
+        return cached.to(like.dtype)
+
+    def __repr__(self) -> str:
+        return "None" if self.host is None else repr(self.host.tolist())
+
+
+def num_objectives(gram: Tensor | None, losses: Tensor | None, method: str) -> int:
+    if gram is not None:
+        return gram.shape[-1]
+    if losses is not None:
+        return losses.shape[-1]
+    raise ValueError(f"method {method!r} needs the Gram matrix or the loss values")

@@ -1,0 +1,90 @@
+"""Nash-MTL: multi-task learning as a bargaining game."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..solvers_qp import fair_weights
+from ._base import Method
+from ._registry import register_method
+
+__all__ = ["NashMTL"]
+
+
+@register_method("nash_mtl")
+class NashMTL(Method):
+    r"""Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya,
+    "Multi-Task Learning as a Bargaining Game", ICML 2022, Alg. 1).
+
+    The Nash bargaining solution: ``d = sum_k alpha_k g_k`` with ``alpha > 0`` solving
+    ``G alpha = 1 / alpha`` (each objective's improvement ``<g_k, d>`` equals
+    ``1 / alpha_k``). The official code approaches it by a sequential convex approximation
+    (CCP with cvxpy/ECOS, at most ``optim_niter = 20`` steps, stopped when
+    ``||G alpha - 1/alpha|| < 1e-3``). Its fixed point is the unique minimiser of the strictly
+    convex ``1/2 alpha^T G alpha - sum_k log alpha_k``; gradbal solves that problem on the
+    device by damped Newton steps (each a convex quadratic model, solved exactly) with a
+    batched line search, a fixed ``iterations`` count and no host sync
+    (:func:`gradbal.solvers_qp.fair_weights` with alpha = 1). It converges to about 1e-8
+    where the official solver may stop early, so weights can differ from the official ones
+    by that early stop.
+
+    Then, as in the official code, ``alpha`` is scaled so that ``||d|| <= max_norm``
+    (``||d||^2 = alpha^T G alpha``; at the exact solution ``||d|| = sqrt(K)``).
+    ``update_weights_every = n`` recomputes ``alpha`` every n-th call and reuses the last one
+    in between (the clipping still uses the current G). Degenerate inputs: see
+    :func:`~gradbal.solvers_qp.fair_weights` (a zero or cancelling gradient gets a large but
+    finite weight that multiplies a zero combination).
+
+    State (in the optimizer's ``state_dict``): the step counter and the last ``alpha``.
+
+    Defaults (official code, LibMTL, TorchJD): ``max_norm = 1.0``,
+    ``update_weights_every = 1``; ``max_norm = 0`` turns clipping off.
+
+    Example:
+        >>> import torch, gradbal
+        >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> gradbal.aggregate(g, method="nash_mtl", max_norm=0.0)
+        tensor([1., 1.])
+    """
+
+    stateful = True
+
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = 30):
+        if not max_norm >= 0:
+            raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
+        if int(update_weights_every) < 1:
+            raise ValueError(f"update_weights_every must be >= 1, got {update_weights_every}")
+        self.max_norm = float(max_norm)
+        self.update_weights_every = int(update_weights_every)
+        self.iterations = int(iterations)
+        self._step = 0
+        self._alpha: Tensor | None = None
+
+    def weights(self, gram, losses, generator=None):
+        k = gram.shape[-1]
+        alpha = self._alpha
+        if alpha is None or alpha.shape[-1] != k or self._step % self.update_weights_every == 0:
+            alpha = fair_weights(gram, 1.0, self.iterations)
+        else:
+            alpha = alpha.to(gram.device)
+        self._alpha = alpha
+        self._step += 1
+        if self.max_norm > 0:
+            norm = torch.sqrt((alpha @ gram.to(torch.float64) @ alpha).clamp_min(0))
+            alpha = alpha * torch.clamp(self.max_norm / norm.clamp_min(1e-300), max=1.0)
+        return alpha.to(gram.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._step, "alpha": None if self._alpha is None else self._alpha.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"step", "alpha"}:
+            raise ValueError(f"not a nash_mtl state: keys {sorted(state)}")
+        self._step = int(state["step"])
+        self._alpha = None if state["alpha"] is None else state["alpha"].clone()
+
+    def __repr__(self) -> str:
+        return f"NashMTL(max_norm={self.max_norm}, update_weights_every={self.update_weights_every})"

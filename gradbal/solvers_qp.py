@@ -1,0 +1,517 @@
+"""More small K x K solvers, on the Gram matrix's device, with no host synchronisation.
+
+Companions of :mod:`gradbal.solvers` (the simplex min-norm problem) for the other methods of
+the zoo. Same rules: fixed-shape tensor operations, a fixed number of iterations, no
+``.item()``, no Python branch on a tensor value, no CPU solver; finite output for any finite
+input (rank-deficient, zero rows, equal or opposite rows, mixed scales).
+
+* :func:`sym_eig`: symmetric eigendecomposition (Aligned-MTL, IMTL-G, ConFIG). On the CPU it
+  is LAPACK's ``syevd`` (``torch.linalg.eigh``: no device to synchronise with). On other
+  devices ``torch.linalg.eigh`` synchronises with the host (see its documentation), so a
+  batched cyclic Jacobi method with a fixed number of sweeps runs instead
+  (:func:`jacobi_eigh`).
+* :func:`project_dual_cone`: the weights of the projection of ``J^T u`` onto the dual cone of
+  the rows of J, ``argmin_{v >= u} v^T G v`` (UPGrad, DualProj), batched over u. Exact support
+  enumeration for K <= ``EXACT_MAX_K``; above, a primal-dual interior-point method with a
+  fixed number of Mehrotra steps, then an exact solve on the active set it found.
+* :func:`cagrad_weights`: CAGrad's inner problem
+  ``argmin_{w in simplex} w^T G b + phi sqrt(w^T G w)``. Exact face enumeration (each face
+  has a closed form) for K <= ``EXACT_MAX_K``; above, an interior-point method then the
+  closed form on the face it found.
+* :func:`fair_weights`: the positive solution of ``G w = w^(-1/alpha)`` (FairGrad; Nash-MTL is
+  alpha = 1), the unique minimiser of the strictly convex
+  ``f(w) = 1/2 w^T G w - sum_i phi_alpha(w_i)``, by damped Newton steps with a batched line
+  search.
+
+Where an exact answer is found by a final active-set solve, it is kept only if it passes an
+exact KKT check; otherwise the iterative answer is returned (it is finite in every case).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .solvers import EXACT_MAX_K
+
+__all__ = [
+    "cagrad_weights",
+    "fair_weights",
+    "jacobi_eigh",
+    "project_dual_cone",
+    "sym_eig",
+]
+
+# Relative ridge that makes the small linear systems solvable on rank-deficient Gram
+# matrices; far below the 1e-5 accuracy the solvers promise.
+_RIDGE = 1e-10
+
+
+def _sym(gram: Tensor) -> Tensor:
+    """Symmetrised float64 copy with non-finite entries replaced by 0 (never an exception)."""
+    g = gram.to(torch.float64)
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    return (g + g.transpose(-1, -2)) / 2
+
+
+def _trace_normalise(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """(G / trace(G), trace) with a zero matrix left as zero (trace reported as 1)."""
+    tr = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    tr = torch.where(tr > 0, tr, torch.ones_like(tr))
+    return gram / tr[..., None, None], tr
+
+
+def _solve(mat: Tensor, rhs: Tensor) -> Tensor:
+    """``mat^-1 rhs`` for a (batch of) vector(s): LU without the error check that syncs."""
+    x, _ = torch.linalg.solve_ex(mat, rhs.unsqueeze(-1))
+    return x.squeeze(-1)
+
+
+def _pick(candidates: Tensor, key: Tensor) -> Tensor:
+    """``candidates[argmin(key)]`` without indexing by a 0-d tensor (which reads its value)."""
+    return candidates.index_select(0, key.argmin().reshape(1)).squeeze(0)
+
+
+def _eye_like(gram: Tensor) -> Tensor:
+    k = gram.shape[-1]
+    return torch.eye(k, dtype=gram.dtype, device=gram.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _subsets(k: int, device: torch.device, nonempty: bool) -> Tensor:
+    """All subsets of range(k) as a bool tensor [2^k (- 1), k]; code 0 (empty) first."""
+    codes = torch.arange(1 if nonempty else 0, 2**k, device=device)
+    bits = 2 ** torch.arange(k, device=device)
+    return (codes.unsqueeze(-1) & bits) != 0
+
+
+# --------------------------------------------------------------------------- eigen
+
+
+@functools.lru_cache(maxsize=64)
+def _round_robin(k: int, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Jacobi rounds: each a set of disjoint pairs (p, q); one sweep covers every pair once.
+
+    Circle method on n = k (+1 if odd) players; a pair with the dummy player is dropped.
+    Per round: ``partner`` [K] (index of i's partner, i itself when unpaired), ``sign`` [K]
+    (+1 for the smaller index of a pair, -1 for the larger, 0 when unpaired) and ``perm``
+    [K, K] (``perm[i, partner(i)] = 1`` for paired i).
+    """
+    n = k + (k % 2)
+    players = list(range(n))
+    rounds = []
+    for _ in range(n - 1):
+        partner = list(range(k))
+        sign = [0.0] * k
+        for i in range(n // 2):
+            a, b = players[i], players[n - 1 - i]
+            if a < k and b < k:
+                p, q = min(a, b), max(a, b)
+                partner[p], partner[q] = q, p
+                sign[p], sign[q] = 1.0, -1.0
+        partner_t = torch.tensor(partner, device=device)
+        sign_t = torch.tensor(sign, device=device, dtype=dtype)
+        perm = torch.zeros(k, k, device=device, dtype=dtype)
+        perm[torch.arange(k, device=device), partner_t] = sign_t.abs()
+        rounds.append((partner_t, sign_t, perm))
+        players = [players[0]] + [players[-1]] + players[1:-1]
+    return rounds
+
+
+def _default_sweeps(k: int) -> int:
+    # Cyclic Jacobi converges quadratically; these counts bring the off-diagonal mass of
+    # random, rank-deficient and graded (1e-8..1e8) test matrices below ~1e-13 of the norm.
+    return 4 if k <= 4 else 8 if k <= 8 else 10 if k <= 12 else 12 + max(0, k - 16) // 4
+
+
+def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of symmetric ``a[..., K, K]`` by parallel cyclic Jacobi rotations.
+
+    Each round applies K/2 disjoint rotations at once (``A <- R^T A R``, ``V <- V R``), each
+    zeroing one off-diagonal pair; a sweep visits every pair once. The number of sweeps is
+    fixed (4 to 12 for K <= 16), so no convergence test reads a tensor value.
+
+    Returns (eigenvalues ascending [..., K], eigenvectors as columns [..., K, K]), like
+    ``torch.linalg.eigh``.
+    """
+    a = _sym(a)
+    k = a.shape[-1]
+    eye = _eye_like(a).expand_as(a)
+    if k == 1:
+        return a[..., 0], eye.clone()
+    sweeps = _default_sweeps(k) if sweeps is None else int(sweeps)
+    scale = a.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    a = a / scale
+    v = eye.clone()
+    for _ in range(sweeps):
+        for partner, sign, perm in _round_robin(k, a.device, a.dtype):
+            # Every index i of a pair (p, q) computes that pair's rotation (twice the work of
+            # per-pair bookkeeping, but only elementwise ops on [..., K] vectors).
+            diag = a.diagonal(dim1=-2, dim2=-1)
+            apq = (a * perm).sum(-1)  # a[i, partner(i)], 0 when unpaired
+            # Both members of a pair must build the same rotation: average a_pq and a_qp
+            # (R^T A R is symmetric only to rounding), and flush values far below the
+            # normalised scale (denormals make every later op slow).
+            apq = 0.5 * (apq + apq[..., partner])
+            zero = apq.abs() < 1e-150
+            tau = sign * (diag[..., partner] - diag) / (2 * torch.where(zero, torch.ones_like(apq), apq))
+            t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.hypot(torch.ones_like(tau), tau))
+            t = torch.where(zero, torch.zeros_like(t), t)
+            c = torch.rsqrt(1 + t * t)
+            r = torch.diag_embed(c) + (sign * t * c).unsqueeze(-1) * perm
+            a = r.transpose(-1, -2) @ a @ r
+            v = v @ r
+        a = torch.where(a.abs() < 1e-200, torch.zeros_like(a), a)
+    evals = a.diagonal(dim1=-2, dim2=-1)
+    order = evals.argsort(dim=-1)
+    evals = evals.gather(-1, order) * scale.squeeze(-1)
+    v = v.gather(-1, order.unsqueeze(-2).expand_as(v))
+    return evals, v
+
+
+def sym_eig(gram: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric ``gram[..., K, K]``.
+
+    ``method="auto"``: LAPACK (``torch.linalg.eigh``) on the CPU, where no device sync
+    exists; :func:`jacobi_eigh` on any other device, because ``torch.linalg.eigh``
+    synchronises a CUDA device with the host. ``"eigh"`` / ``"jacobi"`` force one.
+    Non-finite entries are read as 0, so this never raises on a NaN Gram matrix.
+    """
+    if method not in ("auto", "eigh", "jacobi"):
+        raise ValueError(f"method must be 'auto', 'eigh' or 'jacobi', got {method!r}")
+    g = _sym(gram)
+    if method == "jacobi" or (method == "auto" and g.device.type != "cpu"):
+        return jacobi_eigh(g)
+    return torch.linalg.eigh(g)
+
+
+def rank_mask(evals: Tensor, rtol: float | None = None) -> Tensor:
+    """Eigenvalues counted in the numerical rank: ``lambda > max(lambda) * rtol``.
+
+    Default ``rtol = K * eps(float32)``: the rule of Aligned-MTL's official code (and of
+    ``torch.linalg.pinv`` on a float32 Gram matrix); gradients are float32, so smaller
+    eigenvalues of their Gram matrix are rounding noise. A zero matrix has rank 0.
+    """
+    k = evals.shape[-1]
+    if rtol is None:
+        rtol = k * torch.finfo(torch.float32).eps
+    top = evals.amax(dim=-1, keepdim=True)
+    return (evals > top * rtol) & (top > 0)
+
+
+# --------------------------------------------------------------- dual-cone projection
+
+
+def _box_kkt(q: Tensor, u: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``min v^T q v`` with ``v_i = u_i`` off the free set, ``v_F`` unconstrained.
+
+    q: [K, K]; u: [..., K]; free: [..., K] bool (broadcast with u).
+    Returns (v [..., K], valid [...]: solved accurately and KKT-optimal for ``v >= u``,
+    objective [...]).
+    """
+    k = q.shape[-1]
+    m = free.to(q.dtype)
+    eye = _eye_like(q)
+    mat = m.unsqueeze(-1) * q + (1 - m).unsqueeze(-1) * eye
+    rhs = ((1 - m) * u).unsqueeze(-1)
+    batch = torch.broadcast_shapes(mat.shape[:-2], rhs.shape[:-2])
+    mat = mat.expand(*batch, k, k)
+    rhs = rhs.expand(*batch, k, 1)
+    x, _ = torch.linalg.solve_ex(mat, rhs)
+    v = x.squeeze(-1)
+    residual = (mat @ x).squeeze(-1) - rhs.squeeze(-1)
+    size = 1 + v.abs().amax(-1)
+    tol = 1e-9 * size
+    lam = v @ q  # q symmetric: (q v)_i
+    ok = residual.abs().amax(-1) <= tol
+    ok = ok & (v >= u - tol.unsqueeze(-1)).all(-1)
+    ok = ok & ((lam >= -tol.unsqueeze(-1)) | free).all(-1)
+    ok = ok & torch.isfinite(v).all(-1)
+    obj = (v * lam).sum(-1)
+    return v, ok, obj
+
+
+def _dual_cone_enumerate(q: Tensor, u: Tensor) -> Tensor:
+    k = q.shape[-1]
+    free = _subsets(k, q.device, nonempty=False)  # [S, K], row 0 = nothing free (v = u)
+    v, ok, obj = _box_kkt(q, u.unsqueeze(-2), free)  # [B, S, K], [B, S]
+    key = torch.where(ok, obj, torch.full_like(obj, float("inf")))
+    best = key.argmin(dim=-1, keepdim=True)  # all invalid -> 0, the feasible point v = u
+    return v.gather(-2, best.unsqueeze(-1).expand(*best.shape, k)).squeeze(-2)
+
+
+def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
+    """Largest t in (0, 1] with x + t dx >= 0 (rowwise), for x > 0."""
+    ratio = torch.where(dx < 0, -x / torch.where(dx < 0, dx, -torch.ones_like(dx)), torch.full_like(x, float("inf")))
+    return ratio.amin(-1, keepdim=True).clamp(max=1.0)
+
+
+def _dual_cone_ipm(q: Tensor, u: Tensor, iterations: int) -> Tensor:
+    """Mehrotra predictor-corrector for ``min 1/2 x^T q x + (q u)^T x, x >= 0`` (v = u + x)."""
+    c = u @ q
+    x = torch.ones_like(u)
+    z = torch.ones_like(u)
+    k = q.shape[-1]
+    mu_floor = 1e-13
+    for _ in range(iterations):
+        rd = x @ q + c - z
+        mu = (x * z).mean(-1, keepdim=True)
+        h = q + torch.diag_embed(z / x)
+        dx_aff = _solve(h, -rd - z)
+        dz_aff = -z - z / x * dx_aff
+        t_aff = torch.minimum(_step_to_boundary(x, dx_aff), _step_to_boundary(z, dz_aff))
+        mu_aff = ((x + t_aff * dx_aff) * (z + t_aff * dz_aff)).mean(-1, keepdim=True)
+        sigma = (mu_aff / mu).clamp(0, 1) ** 3
+        target = torch.maximum(sigma * mu, torch.full_like(mu, mu_floor))
+        rc = x * z + dx_aff * dz_aff - target
+        dx = _solve(h, -rd - rc / x)
+        dz = -(rc + z * dx) / x
+        t = 0.99 * torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(z, dz))
+        x_new = x + t * dx
+        z_new = z + t * dz
+        good = torch.isfinite(x_new).all(-1, keepdim=True) & torch.isfinite(z_new).all(-1, keepdim=True)
+        x = torch.where(good, x_new, x).clamp_min(1e-300)
+        z = torch.where(good, z_new, z).clamp_min(1e-300)
+    del k
+    v_ipm = u + x
+    v_kkt, ok, obj = _box_kkt(q, u, x > z)
+    obj_ipm = (v_ipm * (v_ipm @ q)).sum(-1)
+    better = ok & (obj <= obj_ipm * (1 + 1e-9) + 1e-15)
+    return torch.where(better.unsqueeze(-1), v_kkt, v_ipm)
+
+
+def project_dual_cone(
+    gram: Tensor,
+    u: Tensor,
+    reg_eps: float = 1e-4,
+    norm_eps: float = 0.0,
+    iterations: int = 30,
+) -> Tensor:
+    r"""Weights ``v`` with ``J^T v`` the projection of ``J^T u`` onto the dual cone of J's rows.
+
+    Solves ``v = argmin_{v >= u} v^T Q v`` (Rey, Quinton et al., "Jacobian Descent for
+    Multi-Objective Optimization", 2024, Proposition 1) for each row of ``u``, with
+    ``Q = G / trace(G) + reg_eps I`` (TorchJD's normalisation and regularisation). With
+    ``reg_eps = 0`` the result satisfies ``G v >= 0``: ``<g_i, J^T v> >= 0`` for every i.
+
+    Args:
+        gram: [K, K] Gram matrix.
+        u: [..., K] vectors to project (UPGrad: the rows of ``diag(1/K)``).
+        reg_eps: ridge added to the trace-normalised Gram matrix (TorchJD default 1e-4).
+        norm_eps: when ``trace(G) < norm_eps``, G is replaced by 0 (as TorchJD does with its
+            default 1e-4, which turns UPGrad into the mean for small gradients). Default 0:
+            the projection stays scale invariant and only a zero G gives ``v = u``.
+        iterations: interior-point steps when K > ``EXACT_MAX_K``.
+
+    Returns:
+        v [..., K] (float64), finite for any input.
+    """
+    g = _sym(gram)
+    k = g.shape[-1]
+    q, tr = _trace_normalise(g)
+    if norm_eps > 0:
+        q = torch.where(tr < norm_eps, torch.zeros_like(q), q)
+    q = q + (reg_eps + _RIDGE) * _eye_like(q)
+    batch = u.shape[:-1]
+    uu = u.to(torch.float64).reshape(-1, k)
+    if k <= EXACT_MAX_K:
+        v = _dual_cone_enumerate(q, uu)
+    else:
+        v = _dual_cone_ipm(q, uu, iterations)
+    return v.reshape(*batch, k)
+
+
+# ------------------------------------------------------------------------- CAGrad
+
+
+def _cagrad_face(g: Tensor, a: Tensor, phi: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form stationary point of ``F(w) = a^T w + phi ||J^T w||`` on a face.
+
+    On the face S (w_i = 0 off S) with ``r = ||J^T w|| > 0`` stationarity reads
+    ``a_S + phi G_SS w_S / r = mu 1``. With ``p = G_SS^{-1} 1``, ``q = G_SS^{-1} a_S``,
+    ``s_p = 1^T p``, ``s_q = 1^T q``, ``t = a_S^T q``, the constraint ``1^T w = 1`` and
+    ``r^2 = w^T G w`` give ``mu^2 s_p - 2 mu s_q + t = phi^2`` and
+    ``w_S = (mu p - q) / sqrt(disc)``, ``disc = s_q^2 - s_p (t - phi^2)``.
+
+    g: [K, K]; a: [K]; phi: []; free: [..., K] bool. Returns (w [..., K] >= 0 on the simplex
+    or garbage, ok [...]: finite, disc > 0 and w >= 0).
+    """
+    m = free.to(g.dtype)
+    eye = _eye_like(g)
+    mat = m.unsqueeze(-1) * m.unsqueeze(-2) * g + (1 - m).unsqueeze(-1) * eye
+    rhs = torch.stack([m, m * a], dim=-1)  # [..., K, 2]
+    x, _ = torch.linalg.solve_ex(mat, rhs)
+    p, q = x[..., 0] * m, x[..., 1] * m
+    s_p = p.sum(-1)
+    s_q = q.sum(-1)
+    t = (a * q).sum(-1)
+    disc = s_q * s_q - s_p * (t - phi * phi)
+    root = torch.sqrt(disc.clamp_min(0))
+    mu = (s_q + root) / torch.where(s_p != 0, s_p, torch.ones_like(s_p))
+    w = (mu.unsqueeze(-1) * p - q) / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(-1)
+    ok = (disc > 0) & (s_p > 0) & torch.isfinite(w).all(-1) & (w >= -1e-12).all(-1)
+    w = w.clamp_min(0) * m
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+    return w, ok
+
+
+def _cagrad_objective(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> Tensor:
+    r2 = ((w @ g) * w).sum(-1)
+    return (w * a).sum(-1) + phi * torch.sqrt(r2.clamp_min(0))
+
+
+def _cagrad_enumerate(g: Tensor, a: Tensor, phi: Tensor) -> Tensor:
+    k = g.shape[-1]
+    faces = _subsets(k, g.device, nonempty=True)
+    w, ok = _cagrad_face(g + _RIDGE * _eye_like(g), a, phi, faces)
+    # Every candidate is a point of the simplex; the optimum is one of them (it solves its
+    # face's stationarity equations), so the smallest objective among them is the optimum.
+    obj = _cagrad_objective(g, a, phi, w)
+    vertices = torch.eye(k, dtype=g.dtype, device=g.device)
+    obj_v = _cagrad_objective(g, a, phi, vertices)
+    cand = torch.cat([w, vertices])
+    key = torch.cat([torch.where(ok, obj, torch.full_like(obj, float("inf"))), obj_v])
+    return _pick(cand, key)
+
+
+def _simplex_newton(
+    h: Tensor, rd: Tensor, w: Tensor, z: Tensor, rc: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Primal-dual Newton step on the simplex: ``h dw - dnu 1 = -rd - rc / w``, ``1^T dw = 0``."""
+    rhs = torch.stack([-rd - rc / w, torch.ones_like(w)], dim=-1)
+    sol, _ = torch.linalg.solve_ex(h, rhs)
+    a0, a1 = sol[:, 0], sol[:, 1]
+    dnu = -a0.sum() / a1.sum()
+    dw = a0 + dnu * a1
+    dz = -(rc + z * dw) / w
+    return dw, dz, dnu
+
+
+def _cagrad_ipm(g: Tensor, a: Tensor, phi: Tensor, iterations: int) -> Tensor:
+    """Primal-dual interior point for ``min F(w)`` on the simplex, then a face polish."""
+    k = g.shape[-1]
+    eye = _eye_like(g)
+    w = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
+    z = torch.ones_like(w)
+
+    def grad_hess(w: Tensor) -> tuple[Tensor, Tensor]:
+        gw = g @ w
+        r = torch.sqrt((w * gw).sum().clamp_min(1e-30))
+        grad = a + phi * gw / r
+        hess = phi * (g / r - torch.outer(gw, gw) / r**3)
+        return grad, hess + 1e-12 * eye
+
+    grad, _ = grad_hess(w)
+    nu = (grad - z).mean()
+    mu_floor = 1e-13
+    for _ in range(iterations):
+        grad, hess = grad_hess(w)
+        rd = grad - z - nu
+        mu = (w * z).mean()
+        h = hess + torch.diag(z / w)
+
+        dw_aff, dz_aff, _ = _simplex_newton(h, rd, w, z, w * z)
+        t_aff = torch.minimum(_step_to_boundary(w, dw_aff), _step_to_boundary(z, dz_aff))
+        mu_aff = ((w + t_aff * dw_aff) * (z + t_aff * dz_aff)).mean()
+        sigma = (mu_aff / mu).clamp(0, 1) ** 3
+        target = torch.maximum(sigma * mu, torch.full_like(mu, mu_floor))
+        dw, dz, dnu = _simplex_newton(h, rd, w, z, w * z + dw_aff * dz_aff - target)
+        t = 0.99 * torch.minimum(_step_to_boundary(w, dw), _step_to_boundary(z, dz))
+        w_new, z_new, nu_new = w + t * dw, z + t * dz, nu + t.squeeze(-1) * dnu
+        good = torch.isfinite(w_new).all() & torch.isfinite(z_new).all() & torch.isfinite(nu_new)
+        w = torch.where(good, w_new, w).clamp_min(1e-300)
+        z = torch.where(good, z_new, z).clamp_min(1e-300)
+        nu = torch.where(good, nu_new, nu)
+    w = w / w.sum()
+    w_face, ok = _cagrad_face(g + _RIDGE * eye, a, phi, w > z)
+    better = ok & (_cagrad_objective(g, a, phi, w_face) <= _cagrad_objective(g, a, phi, w))
+    return torch.where(better, w_face, w)
+
+
+def cagrad_weights(
+    gram: Tensor, c: float, iterations: int = 40
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Solve CAGrad's inner problem on the simplex.
+
+    ``w* = argmin_{w in simplex} g_w^T g_0 + phi ||g_w||`` with ``g_w = sum_i w_i g_i``,
+    ``g_0`` the mean gradient and ``phi = c ||g_0||`` (Liu et al., NeurIPS 2021, Alg. 1),
+    computed on ``G / trace(G)`` (the weights are scale invariant).
+
+    Returns (w* [K], ``||g_w*||`` and ``phi``, both relative to ``sqrt(trace(G))``), float64.
+    """
+    g = _sym(gram)
+    k = g.shape[-1]
+    g, _ = _trace_normalise(g)
+    b = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
+    a = g @ b
+    phi = c * torch.sqrt((a * b).sum().clamp_min(0))
+    if k == 1:
+        w = torch.ones_like(b)
+    elif k <= EXACT_MAX_K:
+        w = _cagrad_enumerate(g, a, phi)
+    else:
+        w = _cagrad_ipm(g, a, phi, iterations)
+    r = torch.sqrt(((g @ w) * w).sum().clamp_min(0))
+    return w, r, phi
+
+
+# ------------------------------------------------------------------- FairGrad / Nash
+
+
+def _phi(w: Tensor, alpha: float) -> Tensor:
+    if alpha == 1.0:
+        return torch.log(w)
+    e = 1.0 - 1.0 / alpha
+    return w**e / e
+
+
+def fair_weights(
+    gram: Tensor, alpha: float = 1.0, iterations: int = 30, ridge: float = 1e-8
+) -> Tensor:
+    r"""Positive solution of ``G w = w^(-1/alpha)`` (elementwise power).
+
+    FairGrad (Ban & Ji, ICML 2024) with fairness parameter ``alpha``; ``alpha = 1`` is
+    Nash-MTL's bargaining solution ``G w = 1 / w`` (Navon et al., ICML 2022). The solution
+    is the unique minimiser of the strictly convex ``f(w) = 1/2 w^T G w - sum_i phi(w_i)``,
+    ``phi' (w) = w^(-1/alpha)``, found by damped Newton steps, each with a line search that
+    evaluates 16 step lengths at once (no data-dependent loop).
+
+    G is divided by ``s = trace(G) / K`` first and the answer multiplied back by
+    ``s^(-alpha / (1 + alpha))`` (the exact scaling law), and ``ridge * I`` is added to the
+    normalised matrix so a solution exists when G is singular with a positive null vector
+    (opposite gradients) or a zero row: such weights then grow to about
+    ``ridge^(-alpha/(1+alpha))`` (1e4 for the defaults) instead of diverging, and multiply
+    gradients whose combination is zero.
+
+    Returns w [K] float64, positive and finite.
+    """
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    g = _sym(gram)
+    k = g.shape[-1]
+    scale = g.diagonal(dim1=-2, dim2=-1).sum(-1) / k
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    g = g / scale + ridge * _eye_like(g)
+    expo = -1.0 / alpha
+    # Start from the exact answer for orthogonal gradients: G_ii w_i = w_i^(-1/alpha).
+    w = g.diagonal().clamp_min(ridge) ** (-alpha / (1 + alpha))
+    steps = 0.5 ** torch.arange(16, dtype=g.dtype, device=g.device)
+
+    def f(w: Tensor) -> Tensor:
+        return 0.5 * ((w @ g) * w).sum(-1) - _phi(w, alpha).sum(-1)
+
+    for _ in range(iterations):
+        grad = g @ w - w**expo
+        hess = g + torch.diag((1.0 / alpha) * w ** (expo - 1))
+        dw = -_solve(hess, grad)
+        t_max = 0.99 * _step_to_boundary(w.unsqueeze(0), dw.unsqueeze(0)).squeeze(0)
+        t_max = torch.where(t_max >= 0.99, torch.ones_like(t_max), t_max)
+        cand = w + (t_max * steps).unsqueeze(-1) * dw  # [16, K]
+        cand = torch.cat([cand, w.unsqueeze(0)])
+        vals = f(cand.clamp_min(1e-300))
+        vals = torch.where((cand > 0).all(-1) & torch.isfinite(vals), vals, torch.full_like(vals, float("inf")))
+        w = _pick(cand, vals)
+    return w * scale ** (-alpha / (1 + alpha))

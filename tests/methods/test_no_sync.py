@@ -1,0 +1,119 @@
+"""No host synchronisation inside ``Method.weights``: every registered method runs with
+``Tensor.item/.cpu/.tolist/.numpy`` and the implicit conversions (``bool``, ``int``,
+``float``, ``index``) made to raise. (On a GPU, ``torch.cuda.set_sync_debug_mode("error")``
+checks the same thing for device syncs; see test_no_sync_cuda below.)"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import gradbal
+
+from ._grams import F64, degenerate, well_conditioned
+
+FORBIDDEN = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    def forbid(name):
+        def raiser(self, *args, **kwargs):
+            raise HostSync(f"Tensor.{name} called inside weights()")
+
+        return raiser
+
+    def install():
+        for name in FORBIDDEN:
+            monkeypatch.setattr(torch.Tensor, name, forbid(name))
+
+    return install
+
+
+def _options(name):
+    return {"weighted": {"weights": [1.0] * 4}}.get(name, {})
+
+
+def _losses(k):
+    return torch.linspace(0.5, 2.0, k, dtype=F64)
+
+
+@pytest.mark.parametrize("name", gradbal.available_methods())
+@pytest.mark.parametrize("k", [2, 4, 12])
+def test_weights_make_no_host_sync(name, k, no_host_sync, monkeypatch):
+    if name == "weighted" and k != 4:
+        pytest.skip("fixed weights for K = 4 only")
+    m = gradbal.get_method(name, **_options(name))
+    gram = well_conditioned(k, seed=k)
+    gen = torch.Generator().manual_seed(0)
+    losses = _losses(k)
+    gram_arg = gram if m.requires_task_gradients else None
+    # Warm caches (lru_cache'd index tensors) and state outside the patch first, then
+    # check both a fresh and a stateful call.
+    m.weights(gram_arg, losses, gen)
+    fresh = gradbal.get_method(name, **_options(name))
+    no_host_sync()
+    w1 = fresh.weights(gram_arg, losses, gen)
+    w2 = m.weights(gram_arg, losses, gen)
+    w3 = m.weights(gram_arg, losses * 0.9, gen)
+    monkeypatch.undo()
+    for w in (w1, w2, w3):
+        assert w.shape == (k,) and torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("name", [n for n in gradbal.available_methods() if n != "weighted"])
+@pytest.mark.parametrize("case", ["rank_deficient", "zero_row", "opposite_rows", "k16_mixed_scales"])
+def test_degenerate_inputs_make_no_host_sync(name, case, no_host_sync, monkeypatch):
+    gram = degenerate()[case]
+    k = gram.shape[0]
+    m = gradbal.get_method(name)
+    gram_arg = gram if m.requires_task_gradients else None
+    gen = torch.Generator().manual_seed(0)
+    m.weights(gram_arg, _losses(k), gen)  # warm caches
+    no_host_sync()
+    w = gradbal.get_method(name).weights(gram_arg, _losses(k), gen)
+    monkeypatch.undo()
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("name,module", [("imtl_g", "imtl"), ("aligned_mtl", "aligned_mtl"), ("config", "config")])
+def test_jacobi_path_makes_no_host_sync(name, module, no_host_sync, monkeypatch):
+    # The eigensolver used on CUDA (torch.linalg.eigh syncs there), exercised on the CPU.
+    import gradbal.solvers_qp as sq
+
+    mod = importlib.import_module(f"gradbal.methods.{module}")
+    monkeypatch.setattr(mod, "sym_eig", lambda a: sq.sym_eig(a, "jacobi"))
+    gram = well_conditioned(7, seed=1)
+    m = gradbal.get_method(name)
+    m.weights(gram, None)
+    no_host_sync()
+    w = m.weights(gram, None)
+    monkeypatch.undo()
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", gradbal.available_methods())
+def test_no_sync_cuda(name):
+    m = gradbal.get_method(name, **_options(name))
+    k = 4
+    gram = well_conditioned(k, seed=3).cuda()
+    losses = _losses(k).cuda()
+    gram_arg = gram if m.requires_task_gradients else None
+    gen = torch.Generator().manual_seed(0)
+    m.weights(gram_arg, losses, gen)  # warm caches (index tensors are built once per device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            w = m.weights(gram_arg, losses, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(w).all()

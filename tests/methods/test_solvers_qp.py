@@ -1,0 +1,238 @@
+"""The small solvers of gradbal.solvers_qp against independent references (scipy, exact KKT
+checks, LAPACK), and their behaviour on degenerate Gram matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import least_squares, minimize, nnls
+
+from gradbal.solvers_qp import (
+    cagrad_weights,
+    fair_weights,
+    jacobi_eigh,
+    project_dual_cone,
+    rank_mask,
+    sym_eig,
+)
+
+from ._grams import F64, degenerate, rand_jacobian, well_conditioned
+
+KS = [2, 3, 5, 8, 9, 12, 16]
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+# ----------------------------------------------------------------------------- eigen
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7, 8, 12, 16])
+@pytest.mark.parametrize("rank", ["full", "half", "one"])
+def test_jacobi_matches_lapack(k, rank):
+    n = {"full": 2 * k, "half": max(1, k // 2), "one": 1}[rank]
+    j = rand_jacobian(k, n, seed=k)
+    g = j @ j.T
+    evals, evecs = jacobi_eigh(g)
+    ref = np.linalg.eigvalsh(g.numpy())
+    scale = np.abs(ref).max()
+    assert np.abs(evals.numpy() - ref).max() <= 1e-12 * scale
+    eye = torch.eye(k, dtype=F64)
+    assert (evecs.T @ evecs - eye).abs().max() <= 1e-12
+    assert (evecs @ torch.diag(evals) @ evecs.T - g).abs().max() <= 1e-12 * scale
+
+
+def test_jacobi_graded_and_batched():
+    j = rand_jacobian(16, 40, seed=3) * torch.logspace(-4, 4, 16, dtype=F64).unsqueeze(1)
+    g = torch.stack([j @ j.T, (j[:, :3] @ j[:, :3].T)])
+    evals, evecs = jacobi_eigh(g)
+    for b in range(2):
+        rec = evecs[b] @ torch.diag(evals[b]) @ evecs[b].T
+        assert (rec - g[b]).abs().max() <= 1e-12 * g[b].abs().max()
+
+
+def test_sym_eig_never_raises_on_nan():
+    g = torch.full((3, 3), float("nan"), dtype=F64)
+    for method in ("eigh", "jacobi"):
+        evals, evecs = sym_eig(g, method)
+        assert torch.isfinite(evals).all() and torch.isfinite(evecs).all()
+
+
+def test_rank_mask():
+    evals = torch.tensor([1e-12, 1e-3, 1.0], dtype=F64)
+    assert rank_mask(evals).tolist() == [False, True, True]
+    assert not rank_mask(torch.zeros(3, dtype=F64)).any()
+
+
+# ------------------------------------------------------------- dual-cone projection
+
+
+def ref_dual_cone(g: np.ndarray, u: np.ndarray, reg_eps: float) -> np.ndarray:
+    """min v^T Q v s.t. v >= u as NNLS on x = v - u >= 0 with Q = R^T R (exact active set)."""
+    q = g / np.trace(g) + (reg_eps + 1e-10) * np.eye(len(g))
+    r = np.linalg.cholesky(q).T
+    x, _ = nnls(r, -r @ u, maxiter=100 * len(g))
+    return u + x
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("seed", range(3))
+def test_dual_cone_matches_nnls(k, seed):
+    g = well_conditioned(k, seed)
+    u = torch.eye(k, dtype=F64) / k
+    for reg in (1e-4, 0.0):
+        v = project_dual_cone(g, u, reg_eps=reg)
+        ref = np.stack([ref_dual_cone(g.numpy(), row, reg) for row in u.numpy()])
+        assert rel(v, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [4, 12])
+def test_dual_cone_kkt_on_conflicting_gradients(k):
+    # Strong conflicts: many active constraints.
+    j = rand_jacobian(k, 3, seed=k)
+    g = j @ j.T
+    u = torch.rand(5, k, generator=torch.Generator().manual_seed(0), dtype=F64)
+    v = project_dual_cone(g, u, reg_eps=0.0)
+    lam = v @ (g / torch.trace(g))
+    scale = 1e-8 * (1 + v.abs().max())
+    assert (v >= u - scale).all()
+    assert (lam >= -scale).all()
+    assert ((v - u) * lam).abs().max() <= scale  # complementarity
+
+
+@pytest.mark.parametrize("name,gram", degenerate().items())
+def test_dual_cone_degenerate_is_finite_and_feasible(name, gram):
+    k = gram.shape[0]
+    u = torch.eye(k, dtype=F64) / k
+    v = project_dual_cone(gram, u)
+    assert torch.isfinite(v).all()
+    assert (v >= u - 1e-9).all()
+
+
+# ------------------------------------------------------------------------- CAGrad
+
+
+def cagrad_kkt_gap(g: np.ndarray, c: float, w: np.ndarray) -> float:
+    g = g / np.trace(g)
+    k = len(g)
+    b = np.ones(k) / k
+    a = g @ b
+    phi = c * np.sqrt(a @ b)
+    r = np.sqrt(w @ g @ w)
+    grad = a + phi * (g @ w) / r
+    mu = grad[w > 1e-9].min()
+    # Stationary on the support, no better vertex outside it.
+    return max(np.abs(grad[w > 1e-7] - mu).max(), max(0.0, mu - grad.min()))
+
+
+def ref_cagrad(g: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    g = g / np.trace(g)
+    k = len(g)
+    b = np.ones(k) / k
+    a = g @ b
+    phi = c * np.sqrt(a @ b)
+
+    def f(w):
+        return a @ w + phi * np.sqrt(max(w @ g @ w, 0.0))
+
+    best = None
+    for s in range(4):
+        x0 = np.random.default_rng(s).dirichlet(np.ones(k))
+        res = minimize(
+            f, x0, bounds=[(0, 1)] * k, method="SLSQP",
+            constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+            options={"ftol": 1e-15, "maxiter": 2000},
+        )
+        if best is None or res.fun < best.fun:
+            best = res
+    return best.x, best.fun
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("c", [0.2, 0.5, 2.0])
+def test_cagrad_matches_scipy_and_kkt(k, c):
+    g = well_conditioned(k, seed=k)
+    w, _, phi = cagrad_weights(g, c)
+    w = w.numpy()
+    assert abs(w.sum() - 1) <= 1e-12 and (w >= 0).all()
+    gn = g.numpy() / np.trace(g.numpy())
+    a = gn @ (np.ones(k) / k)
+    ours = a @ w + float(phi) * np.sqrt(w @ gn @ w)
+    w_ref, f_ref = ref_cagrad(g.numpy(), c)
+    assert ours <= f_ref + 1e-9 * abs(f_ref)  # never worse than scipy's SLSQP (up to the ridge)
+    assert rel(w, w_ref) <= 1e-5 or ours < f_ref - 1e-12
+    assert cagrad_kkt_gap(g.numpy(), c, w) <= 1e-6
+
+
+@pytest.mark.parametrize("name,gram", degenerate().items())
+def test_cagrad_degenerate_is_finite(name, gram):
+    w, r, phi = cagrad_weights(gram, 0.5)
+    assert torch.isfinite(w).all() and torch.isfinite(r) and torch.isfinite(phi)
+    assert abs(float(w.sum()) - 1) <= 1e-9 and (w >= 0).all()
+
+
+# ---------------------------------------------------------------- FairGrad / Nash
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_fair_weights_solve_the_equation(k, alpha):
+    g = well_conditioned(k, seed=k)
+    w = fair_weights(g, alpha)
+    assert (w > 0).all()
+    target = w ** (-1 / alpha)
+    assert rel(g @ w, target) <= 1e-6
+
+    # LibMTL's reference solver: scipy least_squares from 1/K.
+    gn = g.numpy()
+    res = least_squares(
+        lambda x: gn @ x - np.power(1 / x, 1 / alpha), np.ones(k) / k,
+        bounds=(1e-12, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15,
+    )
+    assert rel(w, res.x) <= 1e-5
+
+
+def test_fair_weights_scaling_law():
+    g = well_conditioned(5, seed=1)
+    for alpha in (0.5, 1.0, 3.0):
+        w1 = fair_weights(g, alpha)
+        w2 = fair_weights(100.0 * g, alpha)
+        assert rel(w2, w1 * 100.0 ** (-alpha / (1 + alpha))) <= 1e-6
+
+
+@pytest.mark.parametrize("name,gram", degenerate().items())
+def test_fair_weights_degenerate_is_finite(name, gram):
+    w = fair_weights(gram)
+    assert torch.isfinite(w).all() and (w > 0).all()
+
+
+# -------------------------------------------------------------------- hypothesis
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(2, 10),
+    n=st.integers(1, 12),
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.floats(-8, 8),
+)
+def test_solvers_finite_on_random_rank_and_scale(k, n, seed, log_scale):
+    j = rand_jacobian(k, n, seed) * 10.0**log_scale
+    g = j @ j.T
+    u = torch.eye(k, dtype=F64) / k
+    v = project_dual_cone(g, u, reg_eps=0.0)
+    assert torch.isfinite(v).all()
+    # Non-conflict of the UPGrad direction, relative to the gradient scale.
+    d_dot = g @ v.sum(0)
+    assert (d_dot >= -1e-7 * torch.trace(g) * v.abs().sum()).all()
+    w, _, _ = cagrad_weights(g, 0.5)
+    assert torch.isfinite(w).all()
+    assert torch.isfinite(fair_weights(g)).all()
+    evals, evecs = jacobi_eigh(g)
+    assert torch.isfinite(evals).all()
+    assert (evecs @ torch.diag(evals) @ evecs.T - g).abs().max() <= 1e-11 * g.abs().max()
