@@ -11,7 +11,9 @@ from .aligned_mtl import AlignedMTL
 from .cagrad import CAGrad
 from .config import ConFIG
 from .dual_cone import DualProj, UPGrad
+from .dwa import DWA
 from .fairgrad import FairGrad
+from .famo import FAMO, MoKDAmortized
 from .fixed import Mean, Sum, Weighted
 from .gradvac import GradVac
 from .imtl import IMTLG
@@ -21,12 +23,16 @@ from .mokd import MoKD
 from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
 from .random_weighting import RLW
+from .uw import UW
 
 __all__ = [
+    "DWA",
+    "FAMO",
     "IMTLG",
     "MGDA",
     "MGDAL2",
     "RLW",
+    "UW",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
@@ -39,6 +45,7 @@ __all__ = [
     "Mean",
     "Method",
     "MoKD",
+    "MoKDAmortized",
     "NashMTL",
     "PCGrad",
     "Sum",
