@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..solvers_qp import fair_weights
 from ._base import Method
 from ._registry import register_method
@@ -22,7 +24,9 @@ class FairGrad(Method):
     minimises the equivalent strictly convex potential on the device with damped Newton
     steps (:func:`gradbal.solvers_qp.fair_weights`), residual about 1e-8.
 
-    Defaults: ``alpha = 1.0`` (LibMTL ``FairGrad_alpha``).
+    ``alpha = 0`` is linear scalarisation with uniform weights ``1/K`` (as TorchJD 0.18).
+
+    Defaults: ``alpha = 1.0`` (LibMTL ``FairGrad_alpha``; TorchJD requires alpha).
 
     Example:
         >>> import torch, gradbal
@@ -32,12 +36,15 @@ class FairGrad(Method):
     """
 
     def __init__(self, alpha: float = 1.0, iterations: int = 30):
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
         self.iterations = int(iterations)
 
     def weights(self, gram, losses, generator=None):
+        k = gram.shape[-1]
+        if self.alpha == 0:
+            return torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
         return fair_weights(gram, self.alpha, self.iterations).to(gram.dtype)
 
     def __repr__(self) -> str:

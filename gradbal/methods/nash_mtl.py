@@ -28,8 +28,10 @@ class NashMTL(Method):
     device by damped Newton steps (each a convex quadratic model, solved exactly) with a
     batched line search, a fixed ``iterations`` count and no host sync
     (:func:`gradbal.solvers_qp.fair_weights` with alpha = 1). It converges to about 1e-8
-    where the official solver may stop early, so weights can differ from the official ones
-    by that early stop.
+    where the official solver may stop early: from a fresh start TorchJD 0.18's ``NashMTL``
+    agrees with gradbal to ~1e-8, but warm-started from the previous call (its default) its
+    CCP can stop far from ``G alpha = 1/alpha`` (75% off on a second random matrix in
+    gradbal's tests).
 
     Then, as in the official code, ``alpha`` is scaled so that ``||d|| <= max_norm``
     (``||d||^2 = alpha^T G alpha``; at the exact solution ``||d|| = sqrt(K)``).
