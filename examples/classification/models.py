@@ -1,0 +1,287 @@
+"""Architectures of the KD recipes, with the state-dict names of the code that published them.
+
+* ImageNet: torchvision's ResNets; MobileNetV1 as in mdistiller
+  (mdistiller/models/imagenet/mobilenetv1.py) - "MobileNet" in the KD tables is V1.
+* CIFAR-100: ResNet8x4/ResNet32x4 and WRN-16-2/WRN-40-2 as in CRD (Tian et al., ICLR 2020,
+  github.com/HobbitLong/RepDistiller models/resnet.py, models/wrn.py), which mdistiller reuses;
+  same module names, so their released teacher checkpoints load (the fixed ``AvgPool2d(8)`` /
+  ``AvgPool2d(7)`` are ``AdaptiveAvgPool2d(1)`` here: the same on 32x32 / 224x224 inputs, no
+  parameters, and any input size works).
+* DeiT / RegNetY-160 (DTO-KD's pair) come from timm when it is installed.
+* ``cnn<W>``: a small CNN of width W for the digits recipe and the tests.
+
+``build_model(name, num_classes, in_channels)``; ``MODELS`` lists the names; ``FEATURES[name]``
+gives the module names of each model's stages for feature distillation (``FeatureCapture``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FEATURES", "MODELS", "build_model"]
+
+
+# ----------------------------------------------------------------------------- CIFAR ResNets
+class _CifarBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + residual)
+
+
+class CifarResNet(nn.Module):
+    """CRD's CIFAR ResNet (depth = 6n + 2, basic blocks)."""
+
+    def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100, in_channels=3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
+        self.inplanes = num_filters[0]
+        self.conv1 = nn.Conv2d(in_channels, num_filters[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(num_filters[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(num_filters[1], n)
+        self.layer2 = self._make_layer(num_filters[2], n, stride=2)
+        self.layer3 = self._make_layer(num_filters[3], n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(num_filters[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers = [_CifarBasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [_CifarBasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# ----------------------------------------------------------------------------- WRN
+class _WrnBlock(nn.Module):
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal_in_out = in_planes == out_planes
+        self.convShortcut = (
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+        )
+
+    def forward(self, x):
+        if self.equal_in_out:
+            out = self.relu1(self.bn1(x))
+            shortcut = x
+        else:
+            x = self.relu1(self.bn1(x))
+            out = x
+            shortcut = self.convShortcut(x)
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return shortcut + out
+
+
+class _WrnStage(nn.Module):
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[
+                _WrnBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(n)
+            ]
+        )
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """CRD's WRN-d-k (depth = 6n + 4, pre-activation blocks, no dropout)."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        ch = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, ch[0], 3, 1, 1, bias=False)
+        self.block1 = _WrnStage(n, ch[0], ch[1], 1)
+        self.block2 = _WrnStage(n, ch[1], ch[2], 2)
+        self.block3 = _WrnStage(n, ch[2], ch[3], 2)
+        self.bn1 = nn.BatchNorm2d(ch[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(ch[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+            elif isinstance(m, nn.Linear):
+                m.bias.data.zero_()
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = self.relu(self.bn1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# ----------------------------------------------------------------------------- MobileNetV1
+def _conv_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, 3, stride, 1, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True)
+    )
+
+
+def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False),
+        nn.BatchNorm2d(inp),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(inp, oup, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1 (Howard et al. 2017) in mdistiller's layout (``model.*``, ``fc``)."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        cfg = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
+               (256, 512, 2)] + [(512, 512, 1)] * 5 + [(512, 1024, 2), (1024, 1024, 1)]  # fmt: skip
+        self.model = nn.Sequential(
+            _conv_bn(in_channels, 32, 2),
+            *[_conv_dw(i, o, s) for i, o, s in cfg],
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.model(x), 1))
+
+
+# ----------------------------------------------------------------------------- small CNN
+class SmallCNN(nn.Module):
+    """conv-conv-pool-conv-pool-linear of width ``w`` (the quickstart's CNN, any input size)."""
+
+    def __init__(self, width: int, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )  # fmt: skip
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+# ----------------------------------------------------------------------------- registry
+def _torchvision(name: str):
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        import torchvision
+
+        if in_channels != 3:
+            raise ValueError(f"{name} takes RGB images (3 channels), the data has {in_channels}")
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _timm(name: str):
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(
+                f"model {name!r} comes from timm, which is not installed: pip install timm"
+            ) from None
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels
+        )
+
+    return build
+
+
+_BUILDERS = {
+    "resnet18": _torchvision("resnet18"),
+    "resnet34": _torchvision("resnet34"),
+    "resnet50": _torchvision("resnet50"),
+    "mobilenetv1": lambda nc, ic: MobileNetV1(nc, ic),
+    "resnet8x4": lambda nc, ic: CifarResNet(8, [32, 64, 128, 256], nc, ic),
+    "resnet32x4": lambda nc, ic: CifarResNet(32, [32, 64, 128, 256], nc, ic),
+    "wrn_16_2": lambda nc, ic: WideResNet(16, 2, nc, ic),
+    "wrn_40_2": lambda nc, ic: WideResNet(40, 2, nc, ic),
+    "regnety_160": _timm("regnety_160"),
+    "deit_tiny_patch16_224": _timm("deit_tiny_patch16_224"),
+    "deit_small_patch16_224": _timm("deit_small_patch16_224"),
+}
+MODELS = sorted(_BUILDERS) + ["cnn<W> (e.g. cnn4, cnn32)"]
+
+#: Last-stage module names for feature distillation (``--features``).
+FEATURES = {
+    "resnet18": "layer4",
+    "resnet34": "layer4",
+    "resnet50": "layer4",
+    "mobilenetv1": "model.13",
+    "resnet8x4": "layer3",
+    "resnet32x4": "layer3",
+    "wrn_16_2": "block3",
+    "wrn_40_2": "block3",
+    "regnety_160": "s4",
+    "deit_tiny_patch16_224": "blocks.11",
+    "deit_small_patch16_224": "blocks.11",
+    "cnn": "features.6",
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    m = re.fullmatch(r"cnn(\d+)", name)
+    if m:
+        return SmallCNN(int(m.group(1)), num_classes, in_channels)
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    return _BUILDERS[name](num_classes, in_channels)
+
+
+def feature_stage(name: str) -> str:
+    return FEATURES["cnn" if re.fullmatch(r"cnn(\d+)", name) else name]
