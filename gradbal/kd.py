@@ -12,7 +12,9 @@ r"""Knowledge-distillation building blocks: the KD loss, feature capture, a froz
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +202,7 @@ class FrozenTeacher(nn.Module):
       at every call; outputs come back in that dtype (:func:`kd_loss` and
       :class:`gradbal.SubspaceProjector` upcast). This halves the teacher's memory and time on
       hardware with fast 16-bit math. fp16 on CPU may be unsupported; prefer bf16 there.
+      The teacher keeps that precision inside the student's ``torch.autocast`` region.
 
     Hooks (:class:`FeatureCapture`) attach to the wrapped model as before; its module names
     work with or without the ``"module."`` prefix.
@@ -242,5 +245,16 @@ class FrozenTeacher(nn.Module):
             kwargs = self._cast(kwargs)
         if self.module.training:  # someone called teacher.module.train() directly
             super().train(False)
-        with torch.no_grad():
+        with torch.no_grad(), self._precision():
             return self.module(*args, **kwargs)
+
+    def _precision(self):
+        """With ``dtype`` set the teacher runs in it: an enclosing autocast region (the
+        student's AMP) is switched off inside, or it would re-cast to its own dtype and mix
+        dtypes with the 16-bit weights."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        tensor = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        if tensor is None:
+            return contextlib.nullcontext()
+        return torch.autocast(tensor.device.type, enabled=False)

@@ -264,6 +264,19 @@ def test_frozen_teacher_low_precision():
         FrozenTeacher(lambda x: x)
 
 
+def test_frozen_low_precision_teacher_inside_student_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    teacher = FrozenTeacher(model, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.float16):  # the student's AMP region
+        out = teacher(x)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = model(x.bfloat16())
+    torch.testing.assert_close(out, want)
+
+
 def test_exported_from_package_root():
     for name in ("kd_loss", "FeatureCapture", "FrozenTeacher", "SubspaceProjector"):
         assert name in gradbal.__all__ and hasattr(gradbal, name)
