@@ -13,8 +13,23 @@ Students (same narrow CNN, same steps, same learning rate, several seeds):
   ``[CE, KL, feature loss of a gradbal.SubspaceProjector]`` every step.
 
 It prints a table (test accuracy mean, std and range over the seeds, time per step) and
-saves ``quickstart.png``: accuracy curves, and the conflict (cosine) and dominance (norm
-ratio) between MoKD's objectives as measured by the optimizer (``opt.last_stats``).
+saves ``quickstart.png``: accuracy curves, the conflict (cosine) and dominance (norm ratio)
+between MoKD's objectives as measured by the optimizer (``opt.last_stats``), and MoKD's
+trade-off weights.
+
+Choices, and why:
+
+* One learning rate for every student: classic KD's best on the validation images (the
+  training half minus the students' subset), found by ``--magnitude-study`` (0.8; the sweep
+  0.1/0.2/0.4/0.8/1.6 gave 83.3/84.4/86.0/86.6/78.2% validation accuracy).
+* MoKD's Gram matrix over all trained parameters (``gram_params="all"``, not the library's
+  default ``"shared"``): the projector's parameters are reached by the feature objective alone;
+  left out of the Gram matrix, that objective looks slow to improve (its gradient on the
+  student is small and nearly orthogonal to CE's and KL's), the min-norm weights give it
+  almost everything and the student barely learns (52.4% vs 85.4% mean test accuracy in the
+  study). With ``"all"`` the Gram matrix describes the update that is actually applied.
+* 50 labelled images for the students (5 per class): where a teacher's soft targets matter,
+  so the distilled students' lead over the spread of the seeds is large and stable.
 
     python examples/quickstart.py                 # the full run (README's main job)
     python examples/quickstart.py --quick         # the reduced form CI runs
@@ -394,7 +409,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--lr",
         type=float,
-        default=0.2,
+        default=0.8,
         help="SGD lr of every student (classic KD's best on the validation images, "
         "see --magnitude-study)",
     )
