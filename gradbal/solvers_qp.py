@@ -320,7 +320,12 @@ def project_dual_cone(
     if k <= EXACT_MAX_K:
         v = _dual_cone_enumerate(q, uu)
     else:
-        v = _dual_cone_ipm(q, uu, iterations)
+        # Unit diagonal (v = D v'): the interior point then starts well scaled whatever the
+        # spread of gradient norms.
+        dsc = torch.rsqrt(q.diagonal())
+        v = dsc * _dual_cone_ipm(q * dsc.unsqueeze(0) * dsc.unsqueeze(1), uu / dsc, iterations)
+    # Rounding (and the checks' tolerances) may leave v a hair below u: clip to feasible.
+    v = torch.maximum(v, uu)
     return v.reshape(*batch, k)
 
 
@@ -336,8 +341,9 @@ def _cagrad_face(g: Tensor, a: Tensor, phi: Tensor, free: Tensor) -> tuple[Tenso
     ``r^2 = w^T G w`` give ``mu^2 s_p - 2 mu s_q + t = phi^2`` and
     ``w_S = (mu p - q) / sqrt(disc)``, ``disc = s_q^2 - s_p (t - phi^2)``.
 
-    g: [K, K]; a: [K]; phi: []; free: [..., K] bool. Returns (w [..., K] >= 0 on the simplex
-    or garbage, ok [...]: finite, disc > 0 and w >= 0).
+    g: [K, K]; a: [K]; phi: []; free: [..., K] bool. Returns (w [..., K]: that point clamped
+    to >= 0 and renormalised, always a point of the simplex; ok [...]: the stationary point
+    exists and is >= 0; raw [..., K]: the unclamped point; solved [...]: it exists).
     """
     m = free.to(g.dtype)
     eye = _eye_like(g)
@@ -351,11 +357,12 @@ def _cagrad_face(g: Tensor, a: Tensor, phi: Tensor, free: Tensor) -> tuple[Tenso
     disc = s_q * s_q - s_p * (t - phi * phi)
     root = torch.sqrt(disc.clamp_min(0))
     mu = (s_q + root) / torch.where(s_p != 0, s_p, torch.ones_like(s_p))
-    w = (mu.unsqueeze(-1) * p - q) / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(-1)
-    ok = (disc > 0) & (s_p > 0) & torch.isfinite(w).all(-1) & (w >= -1e-12).all(-1)
-    w = w.clamp_min(0) * m
+    raw = (mu.unsqueeze(-1) * p - q) / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(-1)
+    solved = (disc > 0) & (s_p > 0) & torch.isfinite(raw).all(-1)
+    ok = solved & (raw >= -1e-12).all(-1)
+    w = torch.where(solved.unsqueeze(-1), raw, m).clamp_min(0) * m
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
-    return w, ok
+    return w, ok, raw, solved
 
 
 def _cagrad_objective(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> Tensor:
@@ -366,7 +373,7 @@ def _cagrad_objective(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> Tensor:
 def _cagrad_enumerate(g: Tensor, a: Tensor, phi: Tensor) -> Tensor:
     k = g.shape[-1]
     faces = _subsets(k, g.device, nonempty=True)
-    w, ok = _cagrad_face(g + _RIDGE * _eye_like(g), a, phi, faces)
+    w, ok, _, _ = _cagrad_face(g + _RIDGE * _eye_like(g), a, phi, faces)
     # Every candidate is a point of the simplex; the optimum is one of them (it solves its
     # face's stationarity equations), so the smallest objective among them is the optimum.
     obj = _cagrad_objective(g, a, phi, w)
@@ -390,29 +397,29 @@ def _simplex_newton(
     return dw, dz, dnu
 
 
-def _cagrad_ipm(g: Tensor, a: Tensor, phi: Tensor, iterations: int) -> Tensor:
-    """Primal-dual interior point for ``min F(w)`` on the simplex, then a face polish."""
+def _cagrad_grad(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    gw = g @ w
+    r = torch.sqrt((w * gw).sum(-1, keepdim=True).clamp_min(1e-30))
+    return a + phi * gw / r, gw, r
+
+
+def _cagrad_ipm(g: Tensor, a: Tensor, phi: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Primal-dual interior point (Mehrotra) for ``min F(w)`` on the simplex.
+
+    Returns (w on the simplex, support guess ``w > z``)."""
     k = g.shape[-1]
     eye = _eye_like(g)
     w = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
     z = torch.ones_like(w)
-
-    def grad_hess(w: Tensor) -> tuple[Tensor, Tensor]:
-        gw = g @ w
-        r = torch.sqrt((w * gw).sum().clamp_min(1e-30))
-        grad = a + phi * gw / r
-        hess = phi * (g / r - torch.outer(gw, gw) / r**3)
-        return grad, hess + 1e-12 * eye
-
-    grad, _ = grad_hess(w)
+    grad, _, _ = _cagrad_grad(g, a, phi, w)
     nu = (grad - z).mean()
     mu_floor = 1e-13
     for _ in range(iterations):
-        grad, hess = grad_hess(w)
+        grad, gw, r = _cagrad_grad(g, a, phi, w)
+        hess = phi * (g / r - torch.outer(gw, gw) / r**3) + 1e-12 * eye
         rd = grad - z - nu
         mu = (w * z).mean()
         h = hess + torch.diag(z / w)
-
         dw_aff, dz_aff, _ = _simplex_newton(h, rd, w, z, w * z)
         t_aff = torch.minimum(_step_to_boundary(w, dw_aff), _step_to_boundary(z, dz_aff))
         mu_aff = ((w + t_aff * dw_aff) * (z + t_aff * dz_aff)).mean()
@@ -425,14 +432,38 @@ def _cagrad_ipm(g: Tensor, a: Tensor, phi: Tensor, iterations: int) -> Tensor:
         w = torch.where(good, w_new, w).clamp_min(1e-300)
         z = torch.where(good, z_new, z).clamp_min(1e-300)
         nu = torch.where(good, nu_new, nu)
-    w = w / w.sum()
-    w_face, ok = _cagrad_face(g + _RIDGE * eye, a, phi, w > z)
-    better = ok & (_cagrad_objective(g, a, phi, w_face) <= _cagrad_objective(g, a, phi, w))
-    return torch.where(better, w_face, w)
+    return w / w.sum(), w > z
+
+
+def _cagrad_large(g: Tensor, a: Tensor, phi: Tensor, iterations: int, rounds: int = 4) -> Tensor:
+    """K > EXACT_MAX_K: interior point, then primal-dual active-set rounds on the faces.
+
+    The interior point identifies (nearly) the optimal face; each active-set round solves
+    the current face in closed form (:func:`_cagrad_face`), drops coordinates whose face
+    solution is negative and adds those whose gradient violates the KKT conditions at the
+    best point so far. Every candidate is a point of the simplex and the one with the
+    smallest objective is returned, so a round can only improve the answer.
+    """
+    gr = g + _RIDGE * _eye_like(g)
+    best, support = _cagrad_ipm(g, a, phi, iterations)
+    best_f = _cagrad_objective(g, a, phi, best)
+    scale = a.abs().amax() + phi * torch.sqrt(g.diagonal().amax())
+    for _ in range(rounds):
+        w, _, raw, solved = _cagrad_face(gr, a, phi, support)
+        f = torch.nan_to_num(_cagrad_objective(g, a, phi, w), nan=float("inf"))
+        take = f < best_f
+        best = torch.where(take, w, best)
+        best_f = torch.where(take, f, best_f)
+        grad, _, _ = _cagrad_grad(g, a, phi, best)
+        violated = grad < (best * grad).sum() - 1e-12 * scale
+        keep = torch.where(solved, support & (raw > 0), support)
+        new = keep | violated
+        support = torch.where(new.any(), new, support)
+    return best
 
 
 def cagrad_weights(
-    gram: Tensor, c: float, iterations: int = 40
+    gram: Tensor, c: float, iterations: int = 60
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Solve CAGrad's inner problem on the simplex.
 
@@ -453,7 +484,7 @@ def cagrad_weights(
     elif k <= EXACT_MAX_K:
         w = _cagrad_enumerate(g, a, phi)
     else:
-        w = _cagrad_ipm(g, a, phi, iterations)
+        w = _cagrad_large(g, a, phi, iterations)
     r = torch.sqrt(((g @ w) * w).sum().clamp_min(0))
     return w, r, phi
 
@@ -469,21 +500,24 @@ def _phi(w: Tensor, alpha: float) -> Tensor:
 
 
 def fair_weights(
-    gram: Tensor, alpha: float = 1.0, iterations: int = 30, ridge: float = 1e-8
+    gram: Tensor, alpha: float = 1.0, iterations: int = 20, ridge: float = 1e-8
 ) -> Tensor:
     r"""Positive solution of ``G w = w^(-1/alpha)`` (elementwise power).
 
     FairGrad (Ban & Ji, ICML 2024) with fairness parameter ``alpha``; ``alpha = 1`` is
     Nash-MTL's bargaining solution ``G w = 1 / w`` (Navon et al., ICML 2022). The solution
     is the unique minimiser of the strictly convex ``f(w) = 1/2 w^T G w - sum_i phi(w_i)``,
-    ``phi' (w) = w^(-1/alpha)``, found by damped Newton steps, each with a line search that
-    evaluates 16 step lengths at once (no data-dependent loop).
+    ``phi'(w) = w^(-1/alpha)``, found by Newton steps, each with a line search that
+    evaluates 16 step lengths at once (no data-dependent loop). Well-conditioned problems
+    converge (residual ~1e-16) in under 10 steps; the rest of the fixed budget serves the
+    degenerate ones. For K = 2 and alpha = 1 the closed form
+    ``w_i = 1 / (||g_i|| sqrt(1 + cos(g_1, g_2)))`` is used.
 
     G is divided by ``s = trace(G) / K`` first and the answer multiplied back by
     ``s^(-alpha / (1 + alpha))`` (the exact scaling law), and ``ridge * I`` is added to the
     normalised matrix so a solution exists when G is singular with a positive null vector
-    (opposite gradients) or a zero row: such weights then grow to about
-    ``ridge^(-alpha/(1+alpha))`` (1e4 for the defaults) instead of diverging, and multiply
+    (opposite gradients) or a zero row: such weights then grow towards
+    ``ridge^(-alpha/(1+alpha))`` (1e4 for alpha = 1) instead of diverging, and multiply
     gradients whose combination is zero.
 
     Returns w [K] float64, positive and finite.
@@ -495,23 +529,24 @@ def fair_weights(
     scale = g.diagonal(dim1=-2, dim2=-1).sum(-1) / k
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     g = g / scale + ridge * _eye_like(g)
+    out_scale = scale ** (-alpha / (1 + alpha))
+    if k == 2 and alpha == 1.0:
+        n = g.diagonal().sqrt()
+        cos = g[0, 1] / (n[0] * n[1])
+        return out_scale / (n * torch.sqrt(1 + cos))
     expo = -1.0 / alpha
     # Start from the exact answer for orthogonal gradients: G_ii w_i = w_i^(-1/alpha).
     w = g.diagonal().clamp_min(ridge) ** (-alpha / (1 + alpha))
-    steps = 0.5 ** torch.arange(16, dtype=g.dtype, device=g.device)
-
-    def f(w: Tensor) -> Tensor:
-        return 0.5 * ((w @ g) * w).sum(-1) - _phi(w, alpha).sum(-1)
-
+    # Step lengths tried at once; the last one (0) keeps w when no step decreases f.
+    steps = torch.cat([0.5 ** torch.arange(15, dtype=g.dtype, device=g.device), torch.zeros(1, dtype=g.dtype, device=g.device)])
     for _ in range(iterations):
-        grad = g @ w - w**expo
-        hess = g + torch.diag((1.0 / alpha) * w ** (expo - 1))
-        dw = -_solve(hess, grad)
-        t_max = 0.99 * _step_to_boundary(w.unsqueeze(0), dw.unsqueeze(0)).squeeze(0)
-        t_max = torch.where(t_max >= 0.99, torch.ones_like(t_max), t_max)
-        cand = w + (t_max * steps).unsqueeze(-1) * dw  # [16, K]
-        cand = torch.cat([cand, w.unsqueeze(0)])
-        vals = f(cand.clamp_min(1e-300))
-        vals = torch.where((cand > 0).all(-1) & torch.isfinite(vals), vals, torch.full_like(vals, float("inf")))
-        w = _pick(cand, vals)
-    return w * scale ** (-alpha / (1 + alpha))
+        wp = w**expo
+        grad = g @ w - wp
+        dw = _solve(g + torch.diag(wp / (alpha * w)), -grad)
+        # Largest step keeping w > 0 (capped at 1), then 0.99 of it when it binds.
+        t_bound = 1.0 / (-dw / w).amax().clamp_min(1.0)
+        t_max = torch.where(t_bound >= 1.0, t_bound, 0.99 * t_bound)
+        cand = w + (t_max * steps).unsqueeze(-1) * dw  # [16, K], all > 0
+        vals = 0.5 * ((cand @ g) * cand).sum(-1) - _phi(cand, alpha).sum(-1)
+        w = _pick(cand, torch.nan_to_num(vals, nan=float("inf")))
+    return w * out_scale

@@ -49,7 +49,9 @@ class CAGrad(Method):
         tensor([1., 1., 1.])
     """
 
-    def __init__(self, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4, iterations: int = 40):
+    def __init__(
+        self, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4, iterations: int = 60
+    ):
         if not c >= 0:
             raise ValueError(f"c must be >= 0, got {c}")
         if rescale not in _RESCALE:

@@ -35,7 +35,7 @@ class FairGrad(Method):
         tensor([1.0000, 0.7937])
     """
 
-    def __init__(self, alpha: float = 1.0, iterations: int = 30):
+    def __init__(self, alpha: float = 1.0, iterations: int = 20):
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)

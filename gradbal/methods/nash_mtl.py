@@ -54,7 +54,7 @@ class NashMTL(Method):
 
     stateful = True
 
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = 30):
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = 20):
         if not max_norm >= 0:
             raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
         if int(update_weights_every) < 1:
