@@ -243,6 +243,27 @@ def _dual_cone_enumerate(q: Tensor, u: Tensor) -> Tensor:
     return v.gather(-2, best.unsqueeze(-1).expand(*best.shape, k)).squeeze(-2)
 
 
+def _dual_cone_2(q: Tensor, u: Tensor) -> Tensor:
+    """K = 2 in closed form: the four active sets' solutions, the valid one kept.
+
+    q: [2, 2] positive definite; u: [B, 2]. In order: nothing free (v = u, valid when
+    ``q u >= 0``), v_0 free (``v_0 = -q01 u1 / q00``), v_1 free, both free (v = 0).
+    """
+    q00, q01, q11 = q[0, 0], q[0, 1], q[1, 1]
+    u0, u1 = u[:, 0], u[:, 1]
+    tol = 1e-12 * (u.abs().amax(-1) + 1e-300)
+    lam = u @ q
+    v0_free = -q01 * u1 / q00
+    v1_free = -q01 * u0 / q11
+    ok_none = (lam >= -tol.unsqueeze(-1) * q.abs().amax()).all(-1)
+    ok_0 = (v0_free >= u0 - tol) & (q01 * v0_free + q11 * u1 >= -tol * q.abs().amax())
+    ok_1 = (v1_free >= u1 - tol) & (q00 * u0 + q01 * v1_free >= -tol * q.abs().amax())
+    v = torch.zeros_like(u)  # both free: v = 0 (then u <= 0)
+    v = torch.where(ok_1.unsqueeze(-1), torch.stack([u0, v1_free], -1), v)
+    v = torch.where(ok_0.unsqueeze(-1), torch.stack([v0_free, u1], -1), v)
+    return torch.where(ok_none.unsqueeze(-1), u, v)
+
+
 def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
     """Largest t in (0, 1] with x + t dx >= 0 (rowwise), for x > 0."""
     ratio = torch.where(dx < 0, -x / torch.where(dx < 0, dx, -torch.ones_like(dx)), torch.full_like(x, float("inf")))
@@ -317,7 +338,9 @@ def project_dual_cone(
     q = q + (reg_eps + _RIDGE) * _eye_like(q)
     batch = u.shape[:-1]
     uu = u.to(torch.float64).reshape(-1, k)
-    if k <= EXACT_MAX_K:
+    if k == 2:
+        v = _dual_cone_2(q, uu)
+    elif k <= EXACT_MAX_K:
         v = _dual_cone_enumerate(q, uu)
     else:
         # Unit diagonal (v = D v'): the interior point then starts well scaled whatever the
