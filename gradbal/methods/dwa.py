@@ -54,6 +54,7 @@ class DWA(Method):
         self.temperature = float(temperature)
         self.period = None if period is None else int(period)
         self._sum: Tensor | None = None
+        self._finite: Tensor | None = None  # number of finite values summed, per objective
         self._count = 0
         self._history: list[Tensor] = []  # last two epoch averages, oldest first
 
@@ -70,8 +71,12 @@ class DWA(Method):
             w = torch.ones(k, dtype=torch.float64, device=losses.device)
         if self._sum is None or self._sum.shape[-1] != k:
             self._sum = torch.zeros(k, dtype=torch.float64, device=losses.device)
+            self._finite = torch.zeros(k, dtype=torch.float64, device=losses.device)
             self._count = 0
-        self._sum = self._sum.to(losses.device) + losses
+        # Non-finite losses (a skipped step) do not enter the averages.
+        finite = torch.isfinite(losses)
+        self._sum = self._sum.to(losses.device) + torch.where(finite, losses, 0.0)
+        self._finite = self._finite.to(losses.device) + finite.to(torch.float64)
         self._count += 1
         if self.period is not None and self._count >= self.period:
             self.end_epoch()
@@ -81,21 +86,24 @@ class DWA(Method):
         """Close the current epoch: its average loss becomes ``L(e - 1)``."""
         if self._sum is None or self._count == 0:
             return
-        self._history = (self._history + [self._sum / self._count])[-2:]
+        self._history = (self._history + [self._sum / self._finite.clamp_min(1)])[-2:]
         self._sum = torch.zeros_like(self._sum)
+        self._finite = torch.zeros_like(self._sum)
         self._count = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "sum": None if self._sum is None else self._sum.clone(),
+            "finite": None if self._finite is None else self._finite.clone(),
             "count": self._count,
             "history": [h.clone() for h in self._history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"sum", "count", "history"}:
+        if set(state) != {"sum", "finite", "count", "history"}:
             raise ValueError(f"not a dwa state: keys {sorted(state)}")
         self._sum = None if state["sum"] is None else state["sum"].clone()
+        self._finite = None if state["finite"] is None else state["finite"].clone()
         self._count = int(state["count"])
         self._history = [h.clone() for h in state["history"]][-2:]
 

@@ -34,7 +34,8 @@ class GradVac(Method):
     over the original gradients and every inner product comes from G, all i advance in
     parallel (K - 1 rounds, no host sync); the orders come from the optimizer's generator.
 
-    State (in the optimizer's ``state_dict``): the K x K targets ``phi_hat``.
+    State (in the optimizer's ``state_dict``): the K x K targets ``phi_hat`` (left unchanged
+    by a step whose Gram matrix is not finite).
 
     Defaults: ``beta = 0.5`` (LibMTL ``GradVac_beta``, TorchJD 0.18), ``eps = 1e-8``
     (LibMTL, TorchJD; absolute, as there). ``ema_update="always"`` updates the target after
@@ -94,7 +95,8 @@ class GradVac(Method):
             new_hat = (1 - self.beta) * phi_hat + self.beta * phi
             if self.ema_update == "on_conflict":
                 new_hat = torch.where(conflict, new_hat, phi_hat)
-            target[rows, j] = new_hat
+            # A non-finite Gram matrix (a skipped step) must not poison the targets.
+            target[rows, j] = torch.where(torch.isfinite(new_hat), new_hat, phi_hat)
         self._target = target
         return coef.sum(0).to(gram.dtype)
 

@@ -69,7 +69,12 @@ class NashMTL(Method):
         k = gram.shape[-1]
         alpha = self._alpha
         if alpha is None or alpha.shape[-1] != k or self._step % self.update_weights_every == 0:
-            alpha = fair_weights(gram, 1.0, self.iterations)
+            fresh = fair_weights(gram, 1.0, self.iterations)
+            if alpha is not None and alpha.shape[-1] == k:
+                # keep the last good alpha when this Gram matrix is not finite
+                ok = torch.isfinite(gram).all() & torch.isfinite(fresh).all()
+                fresh = torch.where(ok, fresh, alpha.to(gram.device))
+            alpha = fresh
         else:
             alpha = alpha.to(gram.device)
         self._alpha = alpha

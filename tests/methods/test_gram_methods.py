@@ -440,3 +440,18 @@ def test_optimizer_steps_and_checkpoint_roundtrip(name):
     again = [step(model2, opt2) for _ in range(2)]
     for a, b in zip(after, again):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["gradvac", "nash_mtl"])
+def test_nonfinite_gram_does_not_poison_state(name):
+    m = get_method(name, **({"update_weights_every": 1} if name == "nash_mtl" else {}))
+    g = well_conditioned(3, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    m.weights(g, None, gen)
+    before = m.state_dict()
+    m.weights(torch.full((3, 3), float("nan"), dtype=F64), None, gen)
+    after = m.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), key
+    assert torch.isfinite(m.weights(g, None, gen)).all()

@@ -242,3 +242,13 @@ def test_loss_methods_in_the_optimizer_run_one_backward():
         for p, g in zip(model.parameters(), ref):
             assert torch.allclose(p.grad, g, atol=1e-6)
         opt.step()
+
+
+def test_dwa_skips_nonfinite_losses():
+    dwa = get_method("dwa", period=2)
+    for losses in (t(1.0, 2.0), t(float("nan"), 2.0), t(1.0, 1.0), t(0.5, 1.0)):
+        dwa.weights(None, losses)
+    w = dwa.weights(None, t(1.0, 1.0))
+    # epoch averages (1, 2) [the NaN skipped] then (0.75, 1): r = (0.75, 0.5)
+    e = t(math.exp(0.375), math.exp(0.25))
+    assert torch.allclose(w, 2 * e / e.sum())
