@@ -192,7 +192,7 @@ def main():
         cmd = [sys.executable, __file__, "--_one", provider] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("_one", "csv", "providers")
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(f"{provider}: failed\n{proc.stderr[-2000:]}")
             continue

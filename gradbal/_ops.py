@@ -114,7 +114,7 @@ def gram(rows: Tensor, backend: str = "auto") -> Tensor:
     if resolve_backend(rows, backend) == "triton":
         try:
             return _triton_ops()[0](rows)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if backend == "triton":
                 raise
             _fallback(err)
@@ -128,7 +128,7 @@ def combine(
     if resolve_backend(rows, backend) == "triton":
         try:
             return _triton_ops()[1](rows, weights, out, accumulate=accumulate)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if backend == "triton":
                 raise
             _fallback(err)

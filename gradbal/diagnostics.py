@@ -52,7 +52,7 @@ class StepStats:
     skipped_steps: int = 0
 
     @classmethod
-    def from_gram(cls, weights, gram, losses, nonfinite, skipped_steps=0) -> "StepStats":
+    def from_gram(cls, weights, gram, losses, nonfinite, skipped_steps=0) -> StepStats:
         return cls(
             weights=weights,
             gram=gram,

@@ -116,7 +116,7 @@ def test_unshared_and_unreached_parameters():
     unused = nn.Linear(2, 2).double()  # no objective reaches it
     x = torch.randn(8, 3, dtype=torch.float64)
     params = [*trunk.parameters(), *head_a.parameters(), *head_b.parameters(), *unused.parameters()]
-    opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD(params, lr=0.1), "mgda")
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD(params, lr=0.1), "mgda", gram_params="shared")
     z = torch.tanh(trunk(x))
     losses = [head_a(z).pow(2).mean(), (head_b(z) - 1).pow(2).mean()]
     shared = list(trunk.parameters())
@@ -137,11 +137,11 @@ def test_unshared_and_unreached_parameters():
     assert all(p.grad is None for p in unused.parameters())
 
 
-def test_gram_params_all_includes_unshared():
+def test_gram_params_all_is_default_and_includes_unshared():
     torch.manual_seed(0)
     trunk, head = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
     opt = gradbal.MultiObjectiveOptimizer(
-        torch.optim.SGD([*trunk.parameters(), *head.parameters()], lr=0.1), "sum", gram_params="all"
+        torch.optim.SGD([*trunk.parameters(), *head.parameters()], lr=0.1), "sum"
     )
     z = trunk(torch.randn(5, 3, dtype=torch.float64))
     losses = [head(z).sum(), z.pow(2).sum()]
@@ -434,9 +434,9 @@ def primed(method="mokd"):
 def bad_cases(model):
     x, y, t = batch(5)
     other = nn.Linear(5, 1).double()
-    good = lambda: two_losses(model, x, y, t)  # noqa: E731
+    good = lambda: two_losses(model, x, y, t)
     return {
-        "empty": (lambda: [], ValueError, "at least 2 losses"),
+        "empty": (list, ValueError, "at least 2 losses"),
         "one": (lambda: good()[:1], ValueError, "at least 2 losses"),
         "single tensor": (lambda: torch.stack(good()), TypeError, "list of scalar losses"),
         "not a tensor": (lambda: [good()[0], 1.0], TypeError, "loss 1 is a float"),

@@ -13,7 +13,7 @@ from ..solvers import min_norm_simplex
 from ._base import Method
 from ._registry import register_method
 
-__all__ = ["MoKD", "MAGNITUDES"]
+__all__ = ["MAGNITUDES", "MoKD"]
 
 #: How the length of the balanced direction is set (see :class:`MoKD`).
 MAGNITUDES = ("mean_loss", "faithful")

@@ -1,0 +1,119 @@
+"""Worker for tests/test_distributed.py: one rank of a gloo job, or the 1-process reference.
+
+Every rank builds the same model, takes its slice of a fixed global batch, and runs a few
+balanced steps; the reference runs one process on the rank-averaged losses, which is what a
+single process on the whole batch computes (each loss is a mean over equal-size slices).
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradbal
+
+F = nn.functional
+STEPS = 3
+PER_RANK = 6
+RANK_SEED = 1000
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 12), nn.Tanh())
+        self.head = nn.Linear(12, 4)
+        self.aux = nn.Linear(12, 1)  # only the third objective reaches it
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return z, self.head(z), self.aux(z)
+
+    def losses(self, x, y, teacher, rank, model=None):
+        _, out, aux_out = (model or self)(x)
+        ce = F.cross_entropy(out, y)
+        kl = F.kl_div(F.log_softmax(out, -1), F.softmax(teacher, -1), reduction="batchmean")
+        if rank == 0:
+            # This rank's batch gives the auxiliary objective no gradient at all.
+            aux = torch.zeros((), dtype=x.dtype, requires_grad=True) * 1.0
+        else:
+            aux = (aux_out - 1).pow(2).mean()
+        return [ce, kl, aux]
+
+
+def data(world, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    n = world * PER_RANK
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    t = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    return x, y, t
+
+
+def make(method):
+    torch.manual_seed(0)
+    model = Net().double()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def record(model, opt):
+    return {
+        "weights": opt.last_stats.weights.clone(),
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def run_rank(rank, world, method, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    method, _, wrap = method.partition(":")
+    model, sgd = make(method)
+    ddp = None
+    if wrap == "ddp":
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    torch.manual_seed(RANK_SEED + rank)  # ranks draw different seeds; rank 0's is broadcast
+    opt = gradbal.MultiObjectiveOptimizer(sgd, method, process_group=dist.group.WORLD)
+    results = []
+    for step in range(STEPS):
+        x, y, t = data(world, step)
+        sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        opt.zero_grad()
+        if ddp is None:
+            opt.backward(model.losses(x[sl], y[sl], t[sl], rank))
+        else:  # DDP must not reduce each objective itself: backward under no_sync
+            with ddp.no_sync():
+                opt.backward(model.losses(x[sl], y[sl], t[sl], rank, model=ddp))
+        results.append(record(model, opt))
+        opt.step()
+    torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def run_reference(world, method, out):
+    """One process: the rank-averaged losses, with the optimizer seed rank 0 drew."""
+    model, sgd = make(method)
+    torch.manual_seed(RANK_SEED)
+    opt = gradbal.MultiObjectiveOptimizer(sgd, method)
+    results = []
+    for step in range(STEPS):
+        x, y, t = data(world, step)
+        per_rank = [
+            model.losses(x[r * PER_RANK:(r + 1) * PER_RANK], y[r * PER_RANK:(r + 1) * PER_RANK],
+                         t[r * PER_RANK:(r + 1) * PER_RANK], r)
+            for r in range(world)
+        ]
+        losses = [sum(ls[k] for ls in per_rank) / world for k in range(3)]
+        opt.zero_grad()
+        opt.backward(losses)
+        results.append(record(model, opt))
+        opt.step()
+    torch.save(results, out)
+
+
+if __name__ == "__main__":
+    rank, world, method, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    run_rank(rank, world, method, init, out)
