@@ -1,9 +1,12 @@
 """Step time of a K = 2 distillation step (cross-entropy + KL to fixed teacher logits).
 
 Student: torchvision ResNet-18 (random init, 100 classes) on a batch of B x 3 x S x S.
-Providers, each timed in its own subprocess so peak memory is its own:
+Providers are timed round-robin in one process (each repeat runs every provider once, so
+machine noise hits all alike); peak memory is measured for each in a subprocess of its own:
 
 * ``plain``    : ``(ce + kl).backward(); opt.step()`` -- the baseline every ratio is to.
+* ``floor``    : ``ce.backward(retain_graph=True); kl.backward(); opt.step()`` -- one forward
+                 and K backward passes, the floor of any exact method (no balancing at all).
 * ``gradbal-*``: ``MultiObjectiveOptimizer(method=...)``: K backward passes into the flat
                  store, one Gram pass, K x K solve, one combine pass.
 * ``two-grad`` : two ``torch.autograd.grad`` calls, ``torch.cat``, Gram, MoKD weights, combine,
@@ -33,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-PROVIDERS = ["plain", "gradbal-mokd", "gradbal-pcgrad", "gradbal-mgda", "two-grad", "torchjd-upgrad", "torchjd-mgda"]
+PROVIDERS = ["plain", "floor", "gradbal-mokd", "gradbal-pcgrad", "gradbal-mgda", "two-grad", "torchjd-upgrad", "torchjd-mgda"]
 
 
 def sync(device):
@@ -69,6 +72,14 @@ def make_step(provider, model, x, y, t):
             sgd.zero_grad()
             ce, kl = losses_of(model, x, y, t)
             (ce + kl).backward()
+            sgd.step()
+        return step, None
+    if provider == "floor":  # the cost floor of any exact method: 1 forward, K backwards
+        def step():
+            sgd.zero_grad()
+            ce, kl = losses_of(model, x, y, t)
+            ce.backward(retain_graph=True)
+            kl.backward()
             sgd.step()
         return step, None
     if provider.startswith("gradbal-"):
@@ -148,17 +159,32 @@ def run_one(provider, args):
     model, x, y, t = build(args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step, opt = make_step(provider, model, x, y, t)
-    times = time_it(step, device, args.warmup, args.repeats)
+    step, _ = make_step(provider, model, x, y, t)
+    time_it(step, device, 1, 2)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    result = {"provider": provider, "times": times, "peak_mib": peak}
-    if opt is not None:
-        result["balance_ms"] = balancing_share(opt, device, max(3, args.repeats // 2))
-    print(json.dumps(result))
+    print(json.dumps({"provider": provider, "peak_mib": peak}))
+
+
+def time_round_robin(providers, args):
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    model, x, y, t = build(args, device)
+    steps = {p: make_step(p, model, x, y, t) for p in providers}
+    times = {p: [] for p in providers}
+    for p, (step, _) in steps.items():
+        time_it(step, device, args.warmup, 0)
+    for _ in range(args.repeats):
+        for p, (step, _) in steps.items():
+            times[p] += time_it(step, device, 0, 1)
+    balance = {
+        p: balancing_share(opt, device, max(3, args.repeats // 2))
+        for p, (_, opt) in steps.items() if opt is not None
+    }
+    return times, balance
 
 
 def main():
@@ -187,6 +213,8 @@ def main():
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# ResNet-18, batch {args.batch}x3x{args.size}x{args.size}, K=2 (CE + KL), device {args.device} "
           f"({device_name}), {args.threads} threads, torch {torch.__version__}, {args.repeats} repeats")
+    # Memory first: on Linux a child's ru_maxrss starts from its parent's RSS at fork time,
+    # so the children must be spawned before this process grows.
     rows = []
     for provider in providers:
         cmd = [sys.executable, __file__, "--_one", provider] + [
@@ -197,6 +225,11 @@ def main():
             print(f"{provider}: failed\n{proc.stderr[-2000:]}")
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    times, balance = time_round_robin([r["provider"] for r in rows], args)
+    for row in rows:
+        row["times"] = times[row["provider"]]
+        if row["provider"] in balance:
+            row["balance_ms"] = balance[row["provider"]]
     base = statistics.median(next(r["times"] for r in rows if r["provider"] == "plain"))
     header = f"{'provider':<16} {'median ms':>10} {'p20':>8} {'p80':>8} {'x plain':>8} {'peak MiB':>9} {'balance %':>9}"
     print(header)

@@ -183,7 +183,7 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
 
     Args:
         gram: [..., K, K] symmetric PSD matrix (any float dtype; solved in float64).
-        iterations: active-set iterations used when K > ``EXACT_MAX_K`` (default 4K).
+        iterations: active-set iterations used when K > ``EXACT_MAX_K`` (default 2K).
 
     Returns:
         w [..., K] on the simplex minimising ``w^T G w``, finite for any finite input
@@ -205,5 +205,5 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     elif k <= EXACT_MAX_K:
         w = _min_norm_enumerate(g)
     else:
-        w = _min_norm_active_set(g, 4 * k if iterations is None else iterations)
+        w = _min_norm_active_set(g, 2 * k if iterations is None else iterations)
     return w.to(out_dtype)
