@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _ops
 from .methods import Method, get_method
+from .methods._common import device_generator, draw_seed
 
 __all__ = ["aggregate"]
 
@@ -27,13 +28,16 @@ def aggregate(
     """Balanced direction ``d = sum_k w_k g_k`` of the rows of ``grads``.
 
     The same two passes as the optimizer: ``G = grads grads^T`` (float64), the method's
-    weights from G (and ``losses``), then the weighted combination.
+    weights from G (and ``losses``), then the weighted combination. Methods that never read
+    G (``Method.needs_gram = False``: sum, mean, weighted, rlw and the loss-based methods)
+    skip the Gram pass; elementwise methods (``graddrop``) run their own single pass.
 
     Args:
         grads: [K, N] task gradients (K >= 1), floating point.
         method: a registered name (see :func:`gradbal.available_methods`) or a Method.
         losses: [K] loss values, required by loss-aware methods such as ``"mokd"``.
-        generator: seeded generator for random methods (``"pcgrad"``).
+        generator: seeded CPU generator for random methods (``"pcgrad"``, ``"rlw"``,
+            ``"graddrop"``); ``None`` uses torch's global RNG.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`gradbal._ops`).
         validate: check the loss values' signs for log-scaling methods; this reads them on
             the host (a sync on GPU). ``False`` makes the call sync-free.
@@ -66,7 +70,18 @@ def aggregate(
     elif m.requires_losses:
         raise ValueError(f"method {m.name!r} needs the loss values: pass losses=[...]")
     rows = grads.contiguous()
-    gram = _ops.gram(rows, backend=backend)
-    weights = m.weights(gram, loss_values, generator)
     out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    if m.elementwise:
+        # Its own pass over the rows, with noise made on their device from ``generator``.
+        device_gen = device_generator(draw_seed(generator), rows.device)
+        return m.combine(rows, out, False, device_gen)
+    if m.needs_gram:
+        gram = _ops.gram(rows, backend=backend)
+    else:
+        # Fixed, random and loss-based weightings never read G: skip its pass. K comes from
+        # the loss values (NaN when the caller gave none).
+        gram = None
+        if loss_values is None:
+            loss_values = torch.full((k,), float("nan"), dtype=torch.float64, device=rows.device)
+    weights = m.weights(gram, loss_values, generator)
     return _ops.combine(rows, weights, out, backend=backend)

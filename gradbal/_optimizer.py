@@ -13,6 +13,7 @@ from . import _ops, distributed
 from ._store import GradientStore
 from .diagnostics import StepStats
 from .methods import Method, get_method
+from .methods._common import device_generator, draw_seed
 
 __all__ = ["MultiObjectiveOptimizer"]
 
@@ -99,6 +100,18 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
     ``torch.amp.GradScaler`` (pass ``scaler=`` to :meth:`backward`, then ``scaler.step(opt)``),
     gradient clipping between ``backward`` and ``step`` and checkpointing work unchanged.
 
+    Methods with trainable parameters (``"uw"``'s log-variances): the wrapper adds one param
+    group for them to the wrapped optimizer when it is built (its options come from the
+    method, the rest from the optimizer's defaults), and puts the parameters in it on the
+    first :meth:`backward`, when K and the device are known. Build LR schedulers after the
+    wrapper so they see that group (a scheduler given one value per group, e.g.
+    ``LambdaLR`` with a list, needs one for it too).
+
+    Methods that learn from the losses after the parameter step (``"famo"`` and
+    ``"mokd_amortized"`` with ``update="after_step"``, the published rule): after
+    :meth:`step`, re-evaluate the same batch's losses and pass them to
+    :meth:`update_after_step`.
+
     Args:
         optimizer: the ``torch.optim.Optimizer`` that applies the balanced gradient.
         method: a registered method name (``gradbal.available_methods()``) or a
@@ -169,6 +182,15 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         self._store: GradientStore | None = None
         self._recorder = _ReachRecorder()
         self._pending_nonfinite: Tensor | None = None
+        # None: no update_after_step expected; else "pending" (backward done), "stepped"
+        # (the wrapped optimizer stepped) or "skipped" (step skipped: non-finite gradients).
+        self._after_step: str | None = None
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._method_group: dict[str, Any] | None = None
+        group_options = self.method.param_group()
+        if group_options is not None:
+            optimizer.add_param_group({**group_options, "params": list(self.method.parameters())})
+            self._method_group = optimizer.param_groups[-1]
 
     # ----------------------------------------------------------------- validation
     def _check_losses(self, losses: Any) -> list[Tensor]:
@@ -266,12 +288,21 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
                 )
         enabled_scaler = scaler is not None and scaler.is_enabled()
         if not self.method.requires_task_gradients:
-            self._backward_weighted_sum(losses, loss_values, params, scaler if enabled_scaler else None)
+            self._backward_weighted_sum(losses, loss_values, scaler if enabled_scaler else None)
             return
         to_backward = [scaler.scale(loss) for loss in losses] if enabled_scaler else losses
 
         store = self._get_store(params)
         snapshot = store.snapshot_grads()
+        # Everything below may advance the method's state and the generator: put them back
+        # if anything fails before the end.
+        generator_state = self.generator.get_state()
+        method_state = copy.deepcopy(self.method.state_dict()) if self.method.stateful else None
+        seed = None
+        if self.method.elementwise:
+            # Its noise comes from a generator on the rows' device seeded from ours; the seed
+            # is read here, before the first backward (a CPU value: no device sync).
+            seed = draw_seed(self.generator)
         reached_by: list[list[bool]] = []
         try:
             store.allocate(k)
@@ -299,6 +330,7 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
                     )
         except RuntimeError as err:
             store.restore_grads(snapshot)
+            self.generator.set_state(generator_state)
             if "mark a variable ready only once" in str(err):
                 raise RuntimeError(
                     "DistributedDataParallel reduced an objective's gradient by itself: call "
@@ -308,50 +340,81 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             raise
         except BaseException:
             store.restore_grads(snapshot)
+            self.generator.set_state(generator_state)
             raise
 
-        gram = self._gram(store, k, loss_values.device)
-        nonfinite = ~torch.isfinite(gram.diagonal())
-        counts = [sum(col) for col in zip(*reached_by)]
-        if self.gram_params == "shared":
-            gram = self._drop_unshared(store, gram, reached_by, counts)
-        if enabled_scaler:
-            scale = scaler._get_scale_async().to(device=gram.device, dtype=torch.float64)
-            gram = gram / (scale * scale)
-        weights = self.method.weights(gram, loss_values, self.generator)
+        try:
+            gram = self._gram(store, k, loss_values.device)
+            nonfinite = ~torch.isfinite(gram.diagonal())
+            counts = [sum(col) for col in zip(*reached_by)]
+            if self.gram_params == "shared":
+                gram = self._drop_unshared(store, gram, reached_by, counts)
+            if enabled_scaler:
+                scale = scaler._get_scale_async().to(device=gram.device, dtype=torch.float64)
+                gram = gram / (scale * scale)
+            weights = self.method.weights(gram, loss_values, self.generator)
 
-        accumulate = store.prepare_out(snapshot)
-        for g in store.groups:
-            _ops.combine(
-                g.rows, weights.to(g.device), g.out, accumulate=accumulate, backend=self.backend
-            )
-        store.point_grads_at_out([c > 0 for c in counts], snapshot)
+            # (When .grad was not zeroed and already points into ``out``, the pass adds to it
+            # in place: a pass that fails half-way leaves that sum partly added.)
+            accumulate = store.prepare_out(snapshot)
+            for g in store.groups:
+                if seed is not None:
+                    self.method.combine(g.rows, g.out, accumulate, self._device_generator(seed, g.device))
+                else:
+                    _ops.combine(
+                        g.rows, weights.to(g.device), g.out, accumulate=accumulate, backend=self.backend
+                    )
+            store.point_grads_at_out([c > 0 for c in counts], snapshot)
+            stats = StepStats.from_gram(weights, gram, loss_values, nonfinite, self.skipped_steps)
+        except BaseException:
+            store.restore_grads(snapshot)
+            self.generator.set_state(generator_state)
+            if method_state is not None:
+                self.method.load_state_dict(method_state)
+            raise
 
         self.num_objectives = k
         check = self.nonfinite != "ignore" and not enabled_scaler
         self._pending_nonfinite = nonfinite if check else None
-        self.last_stats = StepStats.from_gram(
-            weights, gram, loss_values, nonfinite, self.skipped_steps
-        )
+        self.last_stats = stats
+        self._after_step = "pending" if self.method.uses_losses_after_step else None
+
+    def _device_generator(self, seed: int, device: torch.device) -> torch.Generator:
+        """This step's generator on ``device`` (one per device, reseeded every step)."""
+        gen = self._device_generators.get(device)
+        if gen is None:
+            gen = self._device_generators[device] = device_generator(seed, device)
+        else:
+            gen.manual_seed(seed)
+        return gen
 
     def _backward_weighted_sum(
-        self, losses: list[Tensor], loss_values: Tensor, params: list[Tensor], scaler: Any
+        self, losses: list[Tensor], loss_values: Tensor, scaler: Any
     ) -> None:
-        """Loss-based methods: one backward of ``sum_k w_k L_k`` (weights detached)."""
+        """Loss-based methods: one backward of the method's objective (default
+        ``sum_k w_k L_k``, weights detached; UW's also trains its log-variances)."""
         # weights() advances the method's state: put it back if anything below fails.
         saved_state = copy.deepcopy(self.method.state_dict())
+        generator_state = self.generator.get_state()
+        added = self._attach_method_parameters(len(losses), losses[0])
+        params = self._trainable_params()
         snapshot = [p.grad for p in params]
         try:
-            weights = self.method.weights(None, loss_values, self.generator)
-            total = sum(w * loss for w, loss in zip(weights.to(losses[0].dtype).unbind(), losses))
+            total, weights = self.method.loss_objective(losses, loss_values, self.generator)
             if scaler is not None:
                 total = scaler.scale(total)
             torch.autograd.backward(total, inputs=params)
         except BaseException:
-            self.method.load_state_dict(saved_state)
             for p, g in zip(params, snapshot):
                 p.grad = g
+            if added:
+                self._method_group["params"][:] = [
+                    p for p in self._method_group["params"] if not any(p is a for a in added)
+                ]
+            self.method.load_state_dict(saved_state)
+            self.generator.set_state(generator_state)
             raise
+        self._after_step = "pending" if self.method.uses_losses_after_step else None
         self.num_objectives = len(losses)
         nonfinite = ~torch.isfinite(loss_values)
         check = self.nonfinite != "ignore" and scaler is None
@@ -365,6 +428,26 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             nonfinite=nonfinite,
             skipped_steps=self.skipped_steps,
         )
+
+    def _attach_method_parameters(self, k: int, like: Tensor) -> list[Tensor]:
+        """Build the method's parameters (first backward) and put them in its param group.
+
+        Returns the parameters newly added to the group (to take out again on failure)."""
+        if self._method_group is None:
+            return []
+        self.method.build_parameters(k, like.device, like.dtype)
+        return self._sync_method_group()
+
+    def _sync_method_group(self) -> list[Tensor]:
+        """Make the method's param group hold exactly ``method.parameters()``; return the new."""
+        group = self._method_group
+        if group is None:
+            return []
+        current = list(self.method.parameters())
+        added = [p for p in current if not any(p is q for q in group["params"])]
+        if added or len(current) != len(group["params"]):
+            group["params"][:] = current
+        return added
 
     def _gram(self, store: GradientStore, k: int, device: torch.device) -> Tensor:
         gram = None
@@ -419,9 +502,57 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             if self.last_stats is not None:
                 self.last_stats.skipped_steps = self.skipped_steps
+            if self._after_step is not None:
+                self._after_step = "skipped"
             return result
         self.optimizer.step()
+        if self._after_step is not None:
+            self._after_step = "stepped"
         return result
+
+    @torch.no_grad()
+    def update_after_step(self, losses_after: Sequence[Tensor] | Tensor) -> None:
+        """Pass the losses re-evaluated after :meth:`step` to the method (FAMO's published rule).
+
+        For methods that learn from the progress the step made (``"famo"`` and
+        ``"mokd_amortized"`` built with ``update="after_step"``)::
+
+            opt.zero_grad()
+            opt.backward(losses(model, batch))
+            opt.step()
+            with torch.no_grad():
+                opt.update_after_step(losses(model, batch))  # same batch, new parameters
+
+        Call it once per step, after :meth:`step` (or ``scaler.step(opt)``). When the step
+        did not happen (skipped for non-finite gradients, or a GradScaler skipped it) it does
+        nothing: the parameters did not move. No host synchronisation.
+
+        Args:
+            losses_after: the K losses (scalar tensors, or one tensor of K values).
+        """
+        if not self.method.uses_losses_after_step:
+            raise RuntimeError(
+                f"method {self.method.name!r} takes no losses after the step; FAMO and "
+                "mokd_amortized do when built with update='after_step'"
+            )
+        if self._after_step is None:
+            raise RuntimeError(
+                "update_after_step must follow backward() and step(), once per step"
+            )
+        if isinstance(losses_after, Tensor):
+            values = losses_after.detach().reshape(-1)
+        else:
+            values = [torch.as_tensor(v).detach().reshape(()) for v in losses_after]
+            values = torch.stack(values) if values else torch.zeros(0)
+        if values.shape[0] != self.num_objectives:
+            raise ValueError(
+                f"update_after_step expects the {self.num_objectives} losses of the step, got "
+                f"{values.shape[0]}"
+            )
+        status, self._after_step = self._after_step, None
+        if status != "stepped":
+            return  # skipped step or a step GradScaler skipped (step() never called)
+        self.method.update_after_step(values.to(torch.float64))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Same as the wrapped optimizer's ``zero_grad``."""
@@ -462,14 +593,32 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             )
         generator = torch.Generator()
         generator.set_state(ours["generator"])  # validate before changing anything
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.method.load_state_dict(ours["method_state"])
+        # The method first: a method with parameters (UW) materialises them, so that the
+        # wrapped optimizer's state finds them in their param group.
+        method_before = copy.deepcopy(self.method.state_dict())
+        group_before = None if self._method_group is None else list(self._method_group["params"])
+        group_list = None if self._method_group is None else self._method_group["params"]
+        try:
+            self.method.load_state_dict(ours["method_state"])
+            self._sync_method_group()
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+        except BaseException:
+            self.method.load_state_dict(method_before)
+            if group_before is not None:
+                self._method_group["params"][:] = group_before
+            raise
         self.generator.set_state(ours["generator"])
         self.skipped_steps = int(ours["skipped_steps"])
         self.num_objectives = ours["num_objectives"]
         # The wrapped optimizer may rebind its state dict; keep sharing it.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+        if group_list is not None:
+            # torch rebuilds the group dicts around the same "params" lists.
+            self._method_group = next(
+                g for g in self.optimizer.param_groups if g["params"] is group_list
+            )
+        self._after_step = None
 
     def __repr__(self) -> str:
         return f"MultiObjectiveOptimizer({self.method!r}, {self.optimizer!r})"

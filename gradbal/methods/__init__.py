@@ -15,6 +15,7 @@ from .dwa import DWA
 from .fairgrad import FairGrad
 from .famo import FAMO, MoKDAmortized
 from .fixed import Mean, Sum, Weighted
+from .graddrop import GradDrop
 from .gradvac import GradVac
 from .imtl import IMTLG
 from .mgda import MGDA
@@ -38,6 +39,7 @@ __all__ = [
     "ConFIG",
     "DualProj",
     "FairGrad",
+    "GradDrop",
     "GradVac",
     "MGDALoss",
     "MGDALossPlus",

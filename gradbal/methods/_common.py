@@ -68,3 +68,17 @@ def num_objectives(gram: Tensor | None, losses: Tensor | None, method: str) -> i
     if losses is not None:
         return losses.shape[-1]
     raise ValueError(f"method {method!r} needs the Gram matrix or the loss values")
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A 63-bit seed drawn from a CPU generator (torch's global one when ``None``).
+
+    Reads one value of a *CPU* tensor: no device synchronisation. The optimizer draws it
+    before its first backward of a step.
+    """
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64)[0])
+
+
+def device_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (random numbers made where they are used)."""
+    return torch.Generator(device=device).manual_seed(seed)

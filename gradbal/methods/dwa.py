@@ -43,6 +43,7 @@ class DWA(Method):
     """
 
     requires_task_gradients = False
+    needs_gram = False
     requires_losses = True
     stateful = True
 

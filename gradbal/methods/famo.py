@@ -14,8 +14,9 @@ from ._registry import register_method
 
 __all__ = ["FAMO", "UPDATES", "MoKDAmortized"]
 
-#: Where the "after" losses of FAMO's logit update come from (see :class:`FAMO`).
-UPDATES = ("next_batch", "manual")
+#: Where the "after" losses of FAMO's logit update come from (see :class:`FAMO`);
+#: ``"manual"`` is an alias of ``"after_step"``.
+UPDATES = ("next_batch", "after_step", "manual")
 
 
 class _Adam:
@@ -59,8 +60,21 @@ class FAMO(Method):
     forward pass). ``update="next_batch"`` (default, the cheaper choice documented in
     ../docs/MOKD.md section 3) uses the next call's losses as "after": the update of
     step t happens at the start of call t + 1, before its weights are computed.
-    ``update="manual"`` leaves it to you: call :meth:`update` with the re-evaluated losses
-    after ``optimizer.step()``, as the official code does.
+    ``update="after_step"`` is the published rule: after ``opt.step()``, re-evaluate the
+    losses on the same batch and pass them to
+    :meth:`gradbal.MultiObjectiveOptimizer.update_after_step` (or, outside an optimizer,
+    to :meth:`update`)::
+
+        opt = gradbal.MultiObjectiveOptimizer(torch.optim.Adam(model.parameters()),
+                                              "famo", update="after_step")
+        opt.zero_grad()
+        opt.backward(compute_losses(model, batch))
+        opt.step()
+        with torch.no_grad():
+            opt.update_after_step(compute_losses(model, batch))
+
+    A step the optimizer skipped (non-finite gradients, or a GradScaler that found
+    inf/NaN) makes ``update_after_step`` a no-op: the parameters did not move.
 
     ``L - L^min`` is clamped at 0 (a loss below its stated minimum would make the official
     ``log`` NaN); a step whose losses are not finite leaves the state unchanged.
@@ -81,6 +95,7 @@ class FAMO(Method):
     """
 
     requires_task_gradients = False
+    needs_gram = False
     requires_losses = True
     stateful = True
 
@@ -99,6 +114,7 @@ class FAMO(Method):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        update = "after_step" if update == "manual" else update
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.update_mode = update
@@ -160,22 +176,37 @@ class FAMO(Method):
         self._state = state
         return w
 
+    @property
+    def uses_losses_after_step(self) -> bool:
+        return self.update_mode == "after_step"
+
+    def update_after_step(self, losses_after: Tensor) -> None:
+        self.update(losses_after)
+
     def update(self, losses_after: Tensor | Sequence[float]) -> None:
         """Update the logits with the losses re-evaluated after ``optimizer.step()``.
 
-        For ``update="manual"`` (the official schedule): call once per step, after the
-        parameter update, with the same batch's losses.
+        For ``update="after_step"`` (the official schedule): call once per step, after the
+        parameter update, with the same batch's losses. In a ``MultiObjectiveOptimizer``
+        call ``opt.update_after_step(losses)``, which also skips the update of a skipped step.
         """
-        if self.update_mode != "manual":
+        if self.update_mode != "after_step":
             raise RuntimeError(
-                f"{type(self).__name__}.update is for update='manual'; with "
+                f"{type(self).__name__}.update is for update='after_step'; with "
                 f"update={self.update_mode!r} the next call's losses update the logits"
             )
         if self._state is None:
             raise RuntimeError("update() called before any weights() call")
         state = self._state
-        after = torch.as_tensor(losses_after, dtype=torch.float64, device=state["logits"].device)
-        self._apply_update(state, after.detach())
+        if isinstance(losses_after, Tensor):
+            after = losses_after.detach().to(device=state["logits"].device, dtype=torch.float64)
+        else:
+            after = torch.as_tensor(losses_after, dtype=torch.float64, device=state["logits"].device)
+        if after.shape != state["logits"].shape:
+            raise ValueError(
+                f"update expects {state['logits'].shape[-1]} losses, got shape {tuple(after.shape)}"
+            )
+        self._apply_update(state, after)
         state["prev_losses"] = torch.full_like(after, float("nan"))
 
     @property
@@ -215,8 +246,9 @@ class MoKDAmortized(FAMO):
     (log-)loss: the weights on the raw losses are ``w_k = pi_k / (c L_k)`` with
     ``c = sum_j pi_j / L_j`` (they sum to 1; equal losses give ``w = pi``).
     The logit update uses the next batch's losses (``update="next_batch"``, the cheaper
-    choice, our choice; ``update="manual"`` plus :meth:`update` gives the re-evaluated
-    losses of the published rule).
+    choice, our choice; ``update="after_step"`` plus
+    :meth:`gradbal.MultiObjectiveOptimizer.update_after_step` gives the re-evaluated losses
+    of the published rule, see :class:`FAMO`).
 
     DTO-KD also clips the model's gradient; with one backward there is no Gram matrix to
     clip from, so clip between ``backward`` and ``step`` with

@@ -8,9 +8,16 @@ import torch
 from torch import Tensor
 
 from ._base import Method
+from ._common import num_objectives, to_device
 from ._registry import register_method
 
 __all__ = ["Mean", "Sum", "Weighted"]
+
+
+def _like(gram: Tensor | None, losses: Tensor | None, name: str) -> Tensor:
+    """The tensor that gives K and the device: the Gram matrix, else the loss values."""
+    num_objectives(gram, losses, name)  # raises when both are None
+    return gram if gram is not None else losses
 
 
 @register_method("sum")
@@ -23,8 +30,11 @@ class Sum(Method):
         tensor([1., 2.])
     """
 
+    needs_gram = False
+
     def weights(self, gram, losses, generator=None):
-        return torch.ones(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        like = _like(gram, losses, self.name)
+        return torch.ones(like.shape[-1], dtype=torch.float64, device=like.device)
 
 
 @register_method("mean")
@@ -37,9 +47,12 @@ class Mean(Method):
         tensor([0.5000, 1.0000])
     """
 
+    needs_gram = False
+
     def weights(self, gram, losses, generator=None):
-        k = gram.shape[-1]
-        return torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        like = _like(gram, losses, self.name)
+        k = like.shape[-1]
+        return torch.full((k,), 1.0 / k, dtype=torch.float64, device=like.device)
 
 
 @register_method("weighted")
@@ -56,6 +69,8 @@ class Weighted(Method):
         tensor([0.2500, 1.0000])
     """
 
+    needs_gram = False
+
     def __init__(self, weights: Sequence[float] | Tensor):
         w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
         if w.ndim != 1 or w.numel() < 1:
@@ -63,6 +78,7 @@ class Weighted(Method):
         if not torch.isfinite(w).all():
             raise ValueError(f"weights must be finite, got {w.tolist()}")
         self._weights = w
+        self._cache: dict[torch.device, Tensor] = {}
 
     def check_num_objectives(self, k: int) -> None:
         if k != self._weights.numel():
@@ -72,8 +88,12 @@ class Weighted(Method):
             )
 
     def weights(self, gram, losses, generator=None):
-        self.check_num_objectives(gram.shape[-1])
-        return self._weights.to(device=gram.device, dtype=gram.dtype)
+        like = _like(gram, losses, self.name)
+        self.check_num_objectives(like.shape[-1])
+        cached = self._cache.get(like.device)
+        if cached is None:  # one host-to-device copy per device
+            cached = self._cache[like.device] = to_device(self._weights, like.device)
+        return cached.clone()
 
     def __repr__(self) -> str:
         return f"Weighted(weights={self._weights.tolist()})"

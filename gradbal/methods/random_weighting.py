@@ -40,6 +40,7 @@ class RLW(Method):
     """
 
     requires_task_gradients = False
+    needs_gram = False
 
     def __init__(self, distribution: str = "normal"):
         if distribution not in DISTRIBUTIONS:

@@ -396,7 +396,8 @@ def test_jacobi_path_matches_lapack_path(name, monkeypatch):
 @pytest.mark.parametrize(
     "module",
     ["dual_cone", "cagrad", "imtl", "aligned_mtl", "config", "nash_mtl", "fairgrad",
-     "gradvac", "random_weighting", "mgda_normalized", "famo", "uw", "dwa"],
+     "gradvac", "random_weighting", "mgda_normalized", "famo", "uw", "dwa", "graddrop",
+     "fixed", "pcgrad"],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(f"gradbal.methods.{module}")
@@ -407,7 +408,7 @@ def test_docstring_examples(module):
 # ---------------------------------------------------------------- the optimizer
 
 
-@pytest.mark.parametrize("name", sorted(set(GRAM_METHODS) | {"rlw", "famo", "mokd_amortized", "uw", "dwa"}))
+@pytest.mark.parametrize("name", sorted(set(GRAM_METHODS) | {"rlw", "famo", "mokd_amortized", "uw", "dwa", "graddrop"}))
 def test_optimizer_steps_and_checkpoint_roundtrip(name):
     def build():
         torch.manual_seed(0)

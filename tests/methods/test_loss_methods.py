@@ -4,6 +4,7 @@ reference implementations re-written with autograd and torch.optim.Adam."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -97,6 +98,71 @@ def test_famo_manual_update_matches_official_code(name, gamma):
         assert torch.allclose(ours.logits, ref.w.detach(), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("name,gamma", [("famo", 1e-3), ("mokd_amortized", 1e-2)])
+def test_famo_after_step_in_the_optimizer_matches_official_code(name, gamma):
+    """opt.step() then opt.update_after_step(losses on the same batch): the official loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), name, update="after_step")
+    ref = OfficialFAMO(3, 0.025, gamma)
+    gen = torch.Generator().manual_seed(4)
+
+    def losses(x):
+        out = model(x)
+        return [(out[:, k] - k).pow(2).mean() + 0.05 for k in range(3)]
+
+    for _ in range(8):
+        x = torch.randn(16, 4, generator=gen, dtype=F64)
+        opt.zero_grad()
+        current = losses(x)
+        opt.backward(current)
+        values = torch.stack([v.detach() for v in current])
+        assert torch.allclose(opt.last_stats.weights, ref.weights(values), rtol=1e-10)
+        opt.step()
+        with torch.no_grad():
+            after = losses(x)
+            opt.update_after_step(after)
+        ref.update(torch.stack(after))
+        assert torch.allclose(opt.method.logits, ref.w.detach(), rtol=1e-10, atol=1e-14)
+
+
+def test_famo_update_after_step_rules():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(2, dtype=F64))
+    x = torch.tensor([1.0, 2.0], dtype=F64)
+
+    def losses():
+        return [(w[0] * x[0]) ** 2, (w[1] * x[1]) ** 2]
+
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD([w], lr=0.1), "famo", update="after_step", nonfinite="skip")
+    with pytest.raises(RuntimeError, match="must follow backward"):
+        opt.update_after_step(losses())
+    opt.backward(losses())
+    opt.step()
+    with pytest.raises(ValueError, match="expects the 2 losses"):
+        opt.update_after_step([1.0, 2.0, 3.0])
+    opt.update_after_step(torch.stack(losses()).detach())  # a [K] tensor works too
+    with pytest.raises(RuntimeError, match="once per step"):
+        opt.update_after_step(losses())
+    # A skipped step (a non-finite loss): the update is a no-op.
+    opt.zero_grad()
+    l0, l1 = losses()
+    opt.backward([l0, l1 * float("nan")])
+    state = opt.method.state_dict()
+    opt.step()
+    assert opt.skipped_steps == 1
+    opt.update_after_step(losses())
+    for key, value in opt.method.state_dict().items():
+        if key != "prev_losses":
+            assert torch.equal(value, state[key]), key
+    # The default (next batch) refuses the hook.
+    plain = gradbal.MultiObjectiveOptimizer(torch.optim.SGD([w], lr=0.1), "famo")
+    plain.backward(losses())
+    plain.step()
+    with pytest.raises(RuntimeError, match="update='after_step'"):
+        plain.update_after_step(losses())
+
+
 def test_famo_next_batch_update_uses_the_next_losses():
     ours = get_method("famo")
     ref = OfficialFAMO(3, 0.025, 1e-3)
@@ -142,42 +208,149 @@ def test_famo_update_mode_errors():
     with pytest.raises(RuntimeError):
         get_method("famo").update(t(1.0, 2.0))
     with pytest.raises(RuntimeError):
-        get_method("famo", update="manual").update(t(1.0, 2.0))
+        get_method("famo", update="after_step").update(t(1.0, 2.0))
+    assert get_method("famo", update="manual").update_mode == "after_step"  # alias
+    with pytest.raises(ValueError):
+        get_method("famo", update="later")
 
 
 # ------------------------------------------------------------------------------- UW
 
 
-def test_uw_weights_and_first_step():
+def _uw_setup(seed=0, lr=0.01, **options):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    ref_model = copy.deepcopy(model)
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.Adam(model.parameters(), lr=lr), "uw", **options)
+    return model, ref_model, opt
+
+
+def _uw_losses(model, x):
+    out = model(x)
+    return [out[:, k].pow(2).mean() + 0.1 * (k + 1) for k in range(3)]
+
+
+def test_uw_weights_outside_an_optimizer():
     uw = get_method("uw")
     w = uw.weights(None, t(1.0, 2.0))
     assert torch.allclose(w, torch.full((2,), math.exp(0.5) / 2, dtype=F64))
-    # dJ/ds = (1 - L e^{-s}) / 2 < 0 for both: Adam's first step adds lr to each s.
-    assert torch.allclose(uw.log_variances, t(-0.499, -0.499), atol=1e-12)
+    assert uw.log_variances is None and uw.parameters() == [] and uw.state_dict() == {}
 
 
-def test_uw_matches_libmtl_objective_with_adam():
+def test_uw_log_variances_are_a_param_group_of_the_wrapped_optimizer():
+    model, _, opt = _uw_setup()
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"] == []
+    assert opt.param_groups[1]["lr"] == 0.01  # the wrapped optimizer's defaults
+    x = torch.randn(16, 4, dtype=F64)
+    opt.backward(_uw_losses(model, x))
+    s = opt.method.log_variances
+    assert isinstance(s, torch.nn.Parameter) and s.shape == (3,) and s.dtype == F64
+    assert opt.param_groups[1]["params"] == [s] and s.grad is not None
+    opt.step()
+    assert not torch.equal(s.detach(), torch.full((3,), -0.5, dtype=F64))
+    _, _, opt2 = _uw_setup(lr=0.01, weight_decay=0.0)
+    assert opt2.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_uw_group_options_and_scheduler():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gradbal.get_method("uw", lr=0.5))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 4, dtype=F64)
+    opt.backward(_uw_losses(model, x))
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.25]
+
+
+def test_uw_matches_libmtl_with_one_adam():
+    """LibMTL: s is an nn.Parameter of the model's optimizer and the loss is
+    ``(losses / (2 exp(s)) + s / 2).sum()``; the same run, step for step."""
     lr = 0.01
-    uw = get_method("uw", lr=lr)
-    s = torch.full((3,), -0.5, dtype=F64, requires_grad=True)
-    opt = torch.optim.Adam([s], lr=lr)
-    for losses in _loss_stream(15, 3, seed=2):
-        # LibMTL: loss = (losses / (2 exp(s)) + s / 2).sum(); model weights = 1 / (2 exp(s))
-        expected = (1 / (2 * s.exp())).detach().clone()
-        assert torch.allclose(uw.weights(None, losses), expected, rtol=1e-12)
+    model, ref_model, opt = _uw_setup(lr=lr)
+    s = torch.nn.Parameter(torch.full((3,), -0.5, dtype=F64))
+    ref_opt = torch.optim.Adam([*ref_model.parameters(), s], lr=lr)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        x = torch.randn(16, 4, generator=gen, dtype=F64)
         opt.zero_grad()
-        (losses / (2 * s.exp()) + s / 2).sum().backward()
+        opt.backward(_uw_losses(model, x))
+        expected_w = (1 / (2 * s.exp())).detach()
+        assert torch.allclose(opt.last_stats.weights, expected_w, rtol=1e-12)
         opt.step()
-        assert torch.allclose(uw.log_variances, s.detach(), rtol=1e-10, atol=1e-14)
+        ref_opt.zero_grad()
+        losses = torch.stack(_uw_losses(ref_model, x))
+        (losses / (2 * s.exp()) + s / 2).sum().backward()
+        ref_opt.step()
+        assert torch.allclose(opt.method.log_variances, s, rtol=1e-10, atol=1e-14)
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def test_uw_settles_at_log_loss():
-    uw = get_method("uw", lr=0.05)
-    losses = t(0.2, 3.0)
-    for _ in range(1500):
-        w = uw.weights(None, losses)
-    assert torch.allclose(uw.log_variances, losses.log(), atol=1e-3)
-    assert torch.allclose(w, 1 / (2 * losses), rtol=1e-3)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.Adam([w], lr=0.05), "uw")
+    target = t(0.2, 3.0)
+    for _ in range(600):
+        opt.zero_grad()
+        opt.backward([target[0] + 0 * w.sum(), target[1] + 0 * w.sum()])  # fixed losses
+        opt.step()
+    assert torch.allclose(opt.method.log_variances.detach(), target.log(), atol=1e-2)
+    assert torch.allclose(opt.last_stats.weights, 1 / (2 * target), rtol=2e-2)
+
+
+def test_uw_checkpoint_resume_is_bit_identical():
+    model, _, opt = _uw_setup()
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(16, 4, generator=gen, dtype=F64) for _ in range(6)]
+
+    def run(model, opt, batches):
+        for x in batches:
+            opt.zero_grad()
+            opt.backward(_uw_losses(model, x))
+            opt.step()
+
+    run(model, opt, xs[:3])
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, _, opt2 = _uw_setup(seed=5)  # a fresh optimizer: its UW group is still empty
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups[1]["params"] == [opt2.method.log_variances]
+    run(model, opt, xs[3:])
+    run(model2, opt2, xs[3:])
+    assert torch.equal(opt.method.log_variances, opt2.method.log_variances)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_uw_failed_first_backward_changes_nothing():
+    model, _, opt = _uw_setup()
+    x = torch.randn(16, 4, dtype=F64)
+    losses = _uw_losses(model, x)
+    losses[0].backward()  # frees the model's graph: the optimizer's backward will fail
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="second time"):
+        opt.backward(losses)
+    assert opt.method.log_variances is None and opt.param_groups[1]["params"] == []
+    assert all(p.grad is None for p in model.parameters())
+    opt.backward(_uw_losses(model, x))  # still works
+    assert opt.param_groups[1]["params"] == [opt.method.log_variances]
+
+
+def test_uw_skipped_step_leaves_log_variances():
+    model, _, opt = _uw_setup()
+    x = torch.randn(16, 4, dtype=F64)
+    opt.backward(_uw_losses(model, x))
+    opt.step()
+    before = opt.method.log_variances.detach().clone()
+    opt.nonfinite = "skip"
+    opt.zero_grad()
+    losses = _uw_losses(model, x)
+    opt.backward([losses[0], losses[1] * float("nan"), losses[2]])
+    opt.step()
+    assert torch.equal(opt.method.log_variances.detach(), before) and opt.skipped_steps == 1
 
 
 # ------------------------------------------------------------------------------ DWA
@@ -210,7 +383,7 @@ def test_dwa_period_and_zero_average():
 # ------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("name", ["famo", "mokd_amortized", "uw", "dwa"])
+@pytest.mark.parametrize("name", ["famo", "mokd_amortized", "dwa"])
 def test_state_dict_roundtrip(name):
     options = {"dwa": {"period": 2}}.get(name, {})
     a = get_method(name, **options)
