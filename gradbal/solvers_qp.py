@@ -264,44 +264,74 @@ def _dual_cone_2(q: Tensor, u: Tensor) -> Tensor:
     return torch.where(ok_none.unsqueeze(-1), u, v)
 
 
-def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
-    """Largest t in (0, 1] with x + t dx >= 0 (rowwise), for x > 0."""
-    ratio = torch.where(dx < 0, -x / torch.where(dx < 0, dx, -torch.ones_like(dx)), torch.full_like(x, float("inf")))
-    return ratio.amin(-1, keepdim=True).clamp(max=1.0)
+def _max_step(s: Tensor, d: Tensor) -> Tensor:
+    """Largest t in (0, 1] with ``s + t d >= 0`` (rowwise over the last dim), for s > 0.
+
+    ``s`` holds the primal and dual variables side by side, so one call bounds both."""
+    return (s / (-d).clamp_min(1e-300)).amin(-1, keepdim=True).clamp(max=1.0)
 
 
-def _dual_cone_ipm(q: Tensor, u: Tensor, iterations: int) -> Tensor:
-    """Mehrotra predictor-corrector for ``min 1/2 x^T q x + (q u)^T x, x >= 0`` (v = u + x)."""
-    c = u @ q
-    x = torch.ones_like(u)
-    z = torch.ones_like(u)
+def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` for rhs [..., K]: two triangular solves (``cholesky_solve`` may
+    check an info flag on the host with MAGMA; ``solve_triangular`` never does)."""
+    y = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
+
+
+#: Primal-dual active-set rounds after the interior point (see :func:`_dual_cone_ipm`).
+DUAL_CONE_ROUNDS = 4
+
+
+def _dual_cone_ipm(q: Tensor, u: Tensor, iterations: int, rounds: int = DUAL_CONE_ROUNDS) -> Tensor:
+    """``min 1/2 x^T q x + (q u)^T x, x >= 0`` (v = u + x) for each row of u [B, K].
+
+    Mehrotra predictor-corrector steps (one Cholesky factorisation of the SPD Newton matrix
+    per step, shared by both solves; primal and dual variables in one [B, 2K] tensor so
+    that every elementwise op and the step-length rule run once for both), then
+    primal-dual active-set rounds (Hintermueller, Ito, Kunisch 2002) starting from the
+    interior point's support guess ``x > z``: each solves the KKT system on the current
+    free set exactly (:func:`_box_kkt`), keeps that solution if it passes the exact KKT
+    check and is no worse, and updates the free set (a free variable that went negative
+    leaves, a fixed one with a negative multiplier joins). The interior point only has to
+    find the support approximately: on 200 random K = 9..16 problems (well conditioned,
+    rank-deficient, norms spread over 2 and 8 decades) 15 steps + 4 rounds matched NNLS to
+    2e-13, where the former 30 steps without rounds were off by up to 4e-4 on the badly
+    scaled ones.
+    """
     k = q.shape[-1]
-    mu_floor = 1e-13
+    c = u @ q
+    s = torch.ones(u.shape[0], 2 * k, dtype=u.dtype, device=u.device)  # [x | z]
+    inv_k = 1.0 / k
     for _ in range(iterations):
+        x, z = s[:, :k], s[:, k:]
+        xz = x * z
+        zx = z / x
         rd = x @ q + c - z
-        mu = (x * z).mean(-1, keepdim=True)
-        h = q + torch.diag_embed(z / x)
-        dx_aff = _solve(h, -rd - z)
-        dz_aff = -z - z / x * dx_aff
-        t_aff = torch.minimum(_step_to_boundary(x, dx_aff), _step_to_boundary(z, dz_aff))
-        mu_aff = ((x + t_aff * dx_aff) * (z + t_aff * dz_aff)).mean(-1, keepdim=True)
-        sigma = (mu_aff / mu).clamp(0, 1) ** 3
-        target = torch.maximum(sigma * mu, torch.full_like(mu, mu_floor))
-        rc = x * z + dx_aff * dz_aff - target
-        dx = _solve(h, -rd - rc / x)
-        dz = -(rc + z * dx) / x
-        t = 0.99 * torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(z, dz))
-        x_new = x + t * dx
-        z_new = z + t * dz
-        good = torch.isfinite(x_new).all(-1, keepdim=True) & torch.isfinite(z_new).all(-1, keepdim=True)
-        x = torch.where(good, x_new, x).clamp_min(1e-300)
-        z = torch.where(good, z_new, z).clamp_min(1e-300)
-    del k
-    v_ipm = u + x
-    v_kkt, ok, obj = _box_kkt(q, u, x > z)
-    obj_ipm = (v_ipm * (v_ipm @ q)).sum(-1)
-    better = ok & (obj <= obj_ipm * (1 + 1e-9) + 1e-15)
-    return torch.where(better.unsqueeze(-1), v_kkt, v_ipm)
+        chol, _ = torch.linalg.cholesky_ex(q + torch.diag_embed(zx))
+        dx = _chol_solve(chol, -rd - z)
+        d = torch.cat([dx, -z - zx * dx], -1)
+        s_aff = s + _max_step(s, d) * d
+        mu = xz.sum(-1, keepdim=True) * inv_k
+        mu_aff = (s_aff[:, :k] * s_aff[:, k:]).sum(-1, keepdim=True) * inv_k
+        target = ((mu_aff / mu).clamp(0, 1) ** 3 * mu).clamp_min(1e-13)
+        rc = xz + d[:, :k] * d[:, k:] - target
+        dx = _chol_solve(chol, -rd - rc / x)
+        d = torch.cat([dx, -(rc + z * dx) / x], -1)
+        s_new = s + 0.99 * _max_step(s, d) * d
+        # A failed factorisation gives NaN: keep the previous point (no host branch).
+        good = torch.isfinite(s_new.sum(-1, keepdim=True))
+        s = torch.where(good, s_new, s).clamp_min(1e-300)
+    x, z = s[:, :k], s[:, k:]
+    best = u + x
+    best_obj = (best * (best @ q)).sum(-1)
+    free = x > z
+    for _ in range(rounds):
+        v, ok, obj = _box_kkt(q, u, free)
+        take = ok & (obj <= best_obj * (1 + 1e-9) + 1e-15)
+        best = torch.where(take.unsqueeze(-1), v, best)
+        best_obj = torch.where(take, obj, best_obj)
+        free = (free & (v > u)) | (~free & ((v @ q) < 0))
+    return best
 
 
 def project_dual_cone(
@@ -309,7 +339,7 @@ def project_dual_cone(
     u: Tensor,
     reg_eps: float = 1e-4,
     norm_eps: float = 0.0,
-    iterations: int = 30,
+    iterations: int = 15,
 ) -> Tensor:
     r"""Weights ``v`` with ``J^T v`` the projection of ``J^T u`` onto the dual cone of J's rows.
 
@@ -325,7 +355,8 @@ def project_dual_cone(
         norm_eps: when ``trace(G) < norm_eps``, G is replaced by 0 (as TorchJD does with its
             default 1e-4, which turns UPGrad into the mean for small gradients). Default 0:
             the projection stays scale invariant and only a zero G gives ``v = u``.
-        iterations: interior-point steps when K > ``EXACT_MAX_K``.
+        iterations: interior-point steps when K > ``EXACT_MAX_K`` (followed by
+            ``DUAL_CONE_ROUNDS`` exact active-set rounds).
 
     Returns:
         v [..., K] (float64), finite for any input.
@@ -407,19 +438,6 @@ def _cagrad_enumerate(g: Tensor, a: Tensor, phi: Tensor) -> Tensor:
     return _pick(cand, key)
 
 
-def _simplex_newton(
-    h: Tensor, rd: Tensor, w: Tensor, z: Tensor, rc: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Primal-dual Newton step on the simplex: ``h dw - dnu 1 = -rd - rc / w``, ``1^T dw = 0``."""
-    rhs = torch.stack([-rd - rc / w, torch.ones_like(w)], dim=-1)
-    sol, _ = torch.linalg.solve_ex(h, rhs)
-    a0, a1 = sol[:, 0], sol[:, 1]
-    dnu = -a0.sum() / a1.sum()
-    dw = a0 + dnu * a1
-    dz = -(rc + z * dw) / w
-    return dw, dz, dnu
-
-
 def _cagrad_grad(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     gw = g @ w
     r = torch.sqrt((w * gw).sum(-1, keepdim=True).clamp_min(1e-30))
@@ -429,32 +447,52 @@ def _cagrad_grad(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> tuple[Tensor, 
 def _cagrad_ipm(g: Tensor, a: Tensor, phi: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
     """Primal-dual interior point (Mehrotra) for ``min F(w)`` on the simplex.
 
+    Each step factorises the Newton matrix ``H = hess F + diag(z / w)`` once (LU: the
+    Hessian is PSD only up to rounding) and solves it for the predictor together with the
+    simplex constraint's column, then for the corrector; primal and dual variables live in
+    one [2K] tensor so that the elementwise work and the step-length rule run once.
+
     Returns (w on the simplex, support guess ``w > z``)."""
     k = g.shape[-1]
-    eye = _eye_like(g)
     w = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
     z = torch.ones_like(w)
     grad, _, _ = _cagrad_grad(g, a, phi, w)
     nu = (grad - z).mean()
-    mu_floor = 1e-13
+    s = torch.cat([w, z])
+    ones = torch.ones_like(w)
+    inv_k = 1.0 / k
     for _ in range(iterations):
-        grad, gw, r = _cagrad_grad(g, a, phi, w)
-        hess = phi * (g / r - torch.outer(gw, gw) / r**3) + 1e-12 * eye
-        rd = grad - z - nu
-        mu = (w * z).mean()
-        h = hess + torch.diag(z / w)
-        dw_aff, dz_aff, _ = _simplex_newton(h, rd, w, z, w * z)
-        t_aff = torch.minimum(_step_to_boundary(w, dw_aff), _step_to_boundary(z, dz_aff))
-        mu_aff = ((w + t_aff * dw_aff) * (z + t_aff * dz_aff)).mean()
-        sigma = (mu_aff / mu).clamp(0, 1) ** 3
-        target = torch.maximum(sigma * mu, torch.full_like(mu, mu_floor))
-        dw, dz, dnu = _simplex_newton(h, rd, w, z, w * z + dw_aff * dz_aff - target)
-        t = 0.99 * torch.minimum(_step_to_boundary(w, dw), _step_to_boundary(z, dz))
-        w_new, z_new, nu_new = w + t * dw, z + t * dz, nu + t.squeeze(-1) * dnu
-        good = torch.isfinite(w_new).all() & torch.isfinite(z_new).all() & torch.isfinite(nu_new)
-        w = torch.where(good, w_new, w).clamp_min(1e-300)
-        z = torch.where(good, z_new, z).clamp_min(1e-300)
+        w, z = s[:k], s[k:]
+        gw = g @ w
+        r2 = torch.dot(w, gw).clamp_min(1e-30)
+        pr = phi * torch.rsqrt(r2)  # phi / r
+        zw = z / w
+        # hess F = phi (G / r - G w w^T G / r^3), plus the barrier and a 1e-12 ridge.
+        h = pr * g - torch.outer(gw * (pr / r2), gw)
+        h.diagonal().add_(zw + 1e-12)
+        lu, piv, _ = torch.linalg.lu_factor_ex(h)
+        rd = a + pr * gw - z - nu
+        a0, a1 = torch.linalg.lu_solve(lu, piv, torch.stack([-rd - z, ones], -1)).unbind(-1)
+        sa1 = a1.sum()
+        dw = a0 - (a0.sum() / sa1) * a1
+        d = torch.cat([dw, -z - zw * dw])
+        s_aff = s + _max_step(s, d) * d
+        wz = w * z
+        mu = wz.sum() * inv_k
+        mu_aff = torch.dot(s_aff[:k], s_aff[k:]) * inv_k
+        target = ((mu_aff / mu).clamp(0, 1) ** 3 * mu).clamp_min(1e-13)
+        rc = wz + d[:k] * d[k:] - target
+        a0 = torch.linalg.lu_solve(lu, piv, (-rd - rc / w).unsqueeze(-1)).squeeze(-1)
+        dnu = -a0.sum() / sa1
+        dw = a0 + dnu * a1
+        d = torch.cat([dw, -(rc + z * dw) / w])
+        t = 0.99 * _max_step(s, d)
+        s_new = s + t * d
+        nu_new = nu + t.squeeze(-1) * dnu
+        good = torch.isfinite(s_new.sum() + nu_new)
+        s = torch.where(good, s_new, s).clamp_min(1e-300)
         nu = torch.where(good, nu_new, nu)
+    w, z = s[:k], s[k:]
     return w / w.sum(), w > z
 
 
@@ -486,7 +524,7 @@ def _cagrad_large(g: Tensor, a: Tensor, phi: Tensor, iterations: int, rounds: in
 
 
 def cagrad_weights(
-    gram: Tensor, c: float, iterations: int = 60
+    gram: Tensor, c: float, iterations: int = 40
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Solve CAGrad's inner problem on the simplex.
 

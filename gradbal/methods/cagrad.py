@@ -50,7 +50,7 @@ class CAGrad(Method):
     """
 
     def __init__(
-        self, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4, iterations: int = 60
+        self, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4, iterations: int = 40
     ):
         if not c >= 0:
             raise ValueError(f"c must be >= 0, got {c}")

@@ -66,7 +66,7 @@ class UPGrad(Method):
         pref_vector: Sequence[float] | Tensor | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 1e-4,
-        iterations: int = 30,
+        iterations: int = 15,
     ):
         _check(norm_eps, reg_eps)
         self.pref = PrefVector(pref_vector, default="mean")
@@ -116,7 +116,7 @@ class DualProj(Method):
         pref_vector: Sequence[float] | Tensor | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 1e-4,
-        iterations: int = 30,
+        iterations: int = 15,
     ):
         _check(norm_eps, reg_eps)
         self.pref = PrefVector(pref_vector, default="mean")

@@ -45,16 +45,18 @@ class PCGrad(Method):
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
         keys.fill_diagonal_(2.0)
         order = keys.argsort(dim=1)[:, : k - 1].to(gram.device, non_blocking=True)
-        coef = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        coef = eye
         sq_norms = gram.diagonal()
-        safe = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms))
-        rows = torch.arange(k, device=gram.device)
+        # 1 / ||g_j||^2, and 0 for a zero gradient (nothing to project on).
+        inv = torch.where(sq_norms > 0, 1 / torch.where(sq_norms > 0, sq_norms, 1.0), 0.0)
         for t in range(k - 1):
-            j = order[:, t]
-            dots = (coef @ gram)[rows, j]  # <g_i', g_{j_i}>
-            conflict = (dots < 0) & (sq_norms[j] > 0)
-            step = torch.where(conflict, dots / safe[j], torch.zeros_like(dots))
-            coef = coef - step.unsqueeze(1) * torch.nn.functional.one_hot(j, k).to(coef.dtype)
+            j = order[:, t : t + 1]  # [K, 1]: the j each i projects on at this round
+            dots = (coef @ gram).gather(1, j)  # <g_i', g_{j_i}>
+            step = dots.clamp_max(0) * inv.index_select(0, j.squeeze(1)).unsqueeze(1)
+            # Row i of the update is step_i e_{j_i}: gathers only, no index validation that
+            # would read the indices on the host (F.one_hot does on CUDA).
+            coef = coef - step * eye.index_select(0, j.squeeze(1))
         w = coef.sum(0)
         return w / k if self.reduction == "mean" else w
 

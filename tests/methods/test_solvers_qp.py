@@ -91,6 +91,29 @@ def test_dual_cone_matches_nnls(k, seed):
         assert rel(v, ref) <= 1e-5
 
 
+def badly_scaled(k: int, seed: int, decades: float) -> torch.Tensor:
+    """Correlated gradients whose norms spread over ``decades`` decades (up to 1e16 in G)."""
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.randn(k, k + 5, generator=gen, dtype=F64)
+    j[1:] += 0.5 * j[:1]
+    scales = torch.logspace(-decades / 2, decades / 2, k, dtype=F64)
+    j = j * scales[torch.randperm(k, generator=gen)].unsqueeze(1)
+    return j @ j.T
+
+
+@pytest.mark.parametrize("k", [9, 12, 16])
+@pytest.mark.parametrize("decades", [2, 8])
+@pytest.mark.parametrize("seed", range(2))
+def test_dual_cone_badly_scaled_matches_nnls(k, decades, seed):
+    # The interior point alone (30 steps) was off by up to 4e-4 here; its active-set rounds
+    # make it exact.
+    g = badly_scaled(k, seed, decades)
+    u = torch.eye(k, dtype=F64) / k
+    v = project_dual_cone(g, u, reg_eps=1e-4)
+    ref = np.stack([ref_dual_cone(g.numpy(), row, 1e-4) for row in u.numpy()])
+    assert rel(v, ref) <= 1e-9
+
+
 @pytest.mark.parametrize("k", [4, 12])
 def test_dual_cone_kkt_on_conflicting_gradients(k):
     # Strong conflicts: many active constraints.
@@ -167,6 +190,18 @@ def test_cagrad_matches_scipy_and_kkt(k, c):
     assert ours <= f_ref + 1e-9 * abs(f_ref)  # never worse than scipy's SLSQP (up to the ridge)
     assert rel(w, w_ref) <= 1e-5 or ours < f_ref - 1e-12
     assert cagrad_kkt_gap(g.numpy(), c, w) <= 1e-6
+
+
+@pytest.mark.parametrize("k", [12, 16])
+@pytest.mark.parametrize("decades", [2, 8])
+def test_cagrad_default_iterations_are_converged(k, decades):
+    g = badly_scaled(k, 3, decades)
+    w, r, phi = cagrad_weights(g, 0.5)
+    w_long, r_long, _ = cagrad_weights(g, 0.5, iterations=200)
+    lam, lam_long = phi / r, phi / r_long
+    d, d_long = 1 / k + lam * w, 1 / k + lam_long * w_long  # CAGrad's weights (up to 1 + c^2)
+    dd = d - d_long
+    assert float(torch.sqrt(dd @ g @ dd) / torch.sqrt(d_long @ g @ d_long)) <= 1e-8
 
 
 @pytest.mark.parametrize("name,gram", degenerate().items())
