@@ -594,7 +594,9 @@ def fair_weights(
     if k == 2 and alpha == 1.0:
         n = g.diagonal().sqrt()
         cos = g[0, 1] / (n[0] * n[1])
-        return out_scale / (n * torch.sqrt(1 + cos))
+        # A Gram matrix of fp32 gradients can miss PSD by ~1e-7 relative, more than the
+        # ridge: for (nearly) opposite gradients 1 + cos would go negative (NaN weights).
+        return out_scale / (n * torch.sqrt((1 + cos).clamp_min(ridge)))
     expo = -1.0 / alpha
     # Start from the exact answer for orthogonal gradients: G_ii w_i = w_i^(-1/alpha).
     w = g.diagonal().clamp_min(ridge) ** (-alpha / (1 + alpha))

@@ -271,3 +271,16 @@ def test_solvers_finite_on_random_rank_and_scale(k, n, seed, log_scale):
     evals, evecs = jacobi_eigh(g)
     assert torch.isfinite(evals).all()
     assert (evecs @ torch.diag(evals) @ evecs.T - g).abs().max() <= 1e-11 * g.abs().max()
+
+
+def test_fair_weights_k2_opposite_fp32_gradients_are_finite():
+    # The Gram matrix of fp32 rows misses PSD by ~1e-7 relative (here G01^2 > G00 G11),
+    # more than the ridge: the K = 2 closed form took sqrt of a negative number.
+    from gradbal import _ops
+
+    g = _ops.gram(torch.tensor([[0.15], [-0.45]]))
+    for alpha in (1.0, 2.0):
+        w = fair_weights(g, alpha)
+        assert torch.isfinite(w).all() and (w > 0).all()
+    w = fair_weights(g)
+    assert torch.allclose(w * torch.tensor([0.15, 0.45], dtype=F64), torch.full((2,), w[0] * 0.15))
