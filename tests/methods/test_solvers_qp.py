@@ -283,4 +283,5 @@ def test_fair_weights_k2_opposite_fp32_gradients_are_finite():
         w = fair_weights(g, alpha)
         assert torch.isfinite(w).all() and (w > 0).all()
     w = fair_weights(g)
-    assert torch.allclose(w * torch.tensor([0.15, 0.45], dtype=F64), torch.full((2,), w[0] * 0.15))
+    # w_i ~ 1 / ||g_i||: the two gradients enter the direction with equal size (and cancel).
+    assert torch.allclose(w[0] * 0.15, w[1] * 0.45, rtol=1e-6)
