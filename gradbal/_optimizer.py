@@ -345,7 +345,9 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
 
         try:
             gram = self._gram(store, k, loss_values.device)
-            nonfinite = ~torch.isfinite(gram.diagonal())
+            # A NaN/Inf anywhere in row k makes G_kk non-finite: the check costs no pass.
+            # A non-finite loss value is as bad for the methods that read it.
+            nonfinite = ~torch.isfinite(gram.diagonal()) | ~torch.isfinite(loss_values)
             counts = [sum(col) for col in zip(*reached_by)]
             if self.gram_params == "shared":
                 gram = self._drop_unshared(store, gram, reached_by, counts)
@@ -375,7 +377,9 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
 
         self.num_objectives = k
         check = self.nonfinite != "ignore" and not enabled_scaler
-        self._pending_nonfinite = nonfinite if check else None
+        # Finite inputs can still give non-finite weights (a solver on a degenerate Gram).
+        flags = torch.cat([nonfinite, ~torch.isfinite(weights).all().reshape(1)])
+        self._pending_nonfinite = (flags, method_state, generator_state) if check else None
         self.last_stats = stats
         self._after_step = "pending" if self.method.uses_losses_after_step else None
 
@@ -418,7 +422,16 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         self.num_objectives = len(losses)
         nonfinite = ~torch.isfinite(loss_values)
         check = self.nonfinite != "ignore" and scaler is None
-        self._pending_nonfinite = nonfinite if check else None
+        if check:
+            # One backward of a weighted sum: a NaN/Inf gradient cannot be traced to an
+            # objective, so it is flagged on the combined gradient (one small pass).
+            grads = [p.grad for p in params if p.grad is not None]
+            norms = torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
+            combined_bad = (~torch.isfinite(norms).all() | ~torch.isfinite(weights).all()).reshape(1)
+            flags = torch.cat([nonfinite, combined_bad.to(nonfinite.device)])
+            self._pending_nonfinite = (flags, saved_state, generator_state)
+        else:
+            self._pending_nonfinite = None
         self.last_stats = StepStats(
             weights=weights,
             gram=None,
@@ -491,13 +504,24 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 result = closure()
         pending, self._pending_nonfinite = self._pending_nonfinite, None
-        if pending is not None and bool(pending.any()):  # one sync, like GradScaler's
-            bad = [i for i, v in enumerate(pending.tolist()) if v]
+        if pending is not None and bool(pending[0].any()):  # one sync, like GradScaler's
+            flags, method_state, generator_state = pending
+            # A refused step leaves no trace: the method's state and the generator go back
+            # to where they were before this step's backward.
+            if method_state is not None:
+                self.method.load_state_dict(method_state)
+            self.generator.set_state(generator_state)
+            *per_objective, combined = flags.tolist()
+            bad = [i for i, v in enumerate(per_objective) if v]
             if self.nonfinite == "raise":
+                what = (
+                    f"objective(s) {bad} produced non-finite gradients or loss values (NaN or Inf)"
+                    if bad
+                    else "the balanced gradient or its weights are not finite (NaN or Inf)"
+                )
                 raise FloatingPointError(
-                    f"objective(s) {bad} produced non-finite gradients (NaN or Inf); nothing "
-                    "was updated. Check those losses, lower the learning rate, or pass "
-                    "nonfinite='skip' to skip such steps"
+                    f"{what}; nothing was updated. Check those losses, lower the learning rate, "
+                    "or pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             if self.last_stats is not None:

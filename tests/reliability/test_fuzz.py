@@ -54,22 +54,7 @@ CLEAR_ERRORS = (ValueError, TypeError)
 # a strict-xfail minimal repro in test_known_issues.py. The fuzz test records these events
 # (hypothesis' statistics) instead of failing on them; everything else it checks strictly.
 # Remove an entry when its repro starts passing.
-KNOWN = {
-    # Loss-based methods check only the loss values: a NaN/Inf gradient with a finite loss
-    # value is applied (the parameters become NaN) under nonfinite="raise".
-    "loss-based method applies a non-finite gradient",
-    # Gram-based methods that read the loss values (mokd, mgda_loss, mgda_loss+) take a step
-    # from a NaN/Inf loss value with finite gradients (mokd: NaN parameters; mgda_loss:
-    # silently a zero step) instead of raising.
-    "loss-reading Gram method steps on a non-finite loss value",
-    # A step refused by nonfinite="raise"/"skip" still advanced the method's state or the
-    # optimizer's generator (pcgrad/gradvac/rlw draws, nash_mtl's step counter, DWA's sums).
-    "refused step advanced method state or generator",
-    # fairgrad / nash_mtl return NaN weights for a finite, rank-deficient Gram matrix of
-    # anti-parallel gradients (e.g. float32 rows [0.3] and [-0.9]), and the optimizer, which
-    # checks only the Gram diagonal, applies the NaN direction under nonfinite="raise".
-    "non-finite weights from a finite Gram matrix are applied",
-}
+KNOWN: set[str] = set()  # all contract violations found so far are fixed
 
 
 class Plant(torch.autograd.Function):
@@ -244,15 +229,13 @@ def expected_outcome(prob: Problem, ref: dict, k: int) -> tuple[str, str | None]
     if m.requires_task_gradients:
         if not all(ref["reached"]):
             return "value", "objective reaches no parameter"
-        if any(ref["bad_grad"]):
+        if any(ref["bad_grad"]) or any(ref["bad_loss"]):
             return "nonfinite", None
-        if m.requires_losses and any(ref["bad_loss"]):
-            return "nonfinite", "loss-reading Gram method steps on a non-finite loss value"
         return "step", None
     if any(ref["bad_loss"]):
         return "nonfinite", None
     if any(bad and reached for bad, reached in zip(ref["bad_grad"], ref["reached"])):
-        return "nonfinite", "loss-based method applies a non-finite gradient"
+        return "nonfinite", None
     return "step", None
 
 
@@ -377,9 +360,9 @@ def checked_call(prob: Problem, step: int, kinds: list[str]) -> str:
     assert differences(before, after_backward, ["params"]) == []
     assert same(before["inner"]["state"], after_backward["inner"]["state"])
     if want == "step" and not bool(torch.isfinite(opt.last_stats.weights).all()):
-        event("KNOWN: non-finite weights from a finite Gram matrix are applied")
-        assert "non-finite weights from a finite Gram matrix are applied" in KNOWN
-        return "known"
+        # A solver gave non-finite weights on finite input: the step must be refused.
+        want, why = "nonfinite", None
+        event("non-finite weights from a finite Gram matrix")
     if want == "step":
         check_step(prob, losses, ref, twins, before)
         twin, clones = twin_inner(prob)
