@@ -511,7 +511,7 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             if method_state is not None:
                 self.method.load_state_dict(method_state)
             self.generator.set_state(generator_state)
-            *per_objective, combined = flags.tolist()
+            *per_objective, _ = flags.tolist()  # the last flag: weights / combined gradient
             bad = [i for i, v in enumerate(per_objective) if v]
             if self.nonfinite == "raise":
                 what = (
