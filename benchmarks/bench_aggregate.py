@@ -5,9 +5,11 @@ For each K and N the script times, on the same fp32 [K, N] matrix of task gradie
 * ``floor``   : the two passes alone, ``gradbal._ops.gram`` then ``gradbal._ops.combine``
                 with fixed weights: what any Gram-based method must cost at least;
 * ``<method>``: ``gradbal.aggregate(rows, method, losses=..., generator=...)`` for every
-                registered method (loss-based ones too: ``aggregate`` still runs both
-                passes), and its K x K part alone (``Method.weights`` on the Gram matrix,
-                column ``weights_ms``);
+                registered method, and its K x K part alone (``Method.weights`` on the
+                Gram matrix, column ``weights_ms``). Methods that never read G (sum, mean,
+                rlw, the loss-based ones: ``Method.needs_gram = False``) skip the Gram pass,
+                so they run below the floor; ``graddrop`` runs its own elementwise pass
+                instead of the weighted combine (no TorchJD peer);
 * ``torchjd`` : TorchJD's aggregator of the same name on the same matrix, when
                 ``import torchjd`` works and the aggregator's optional solver is installed.
 
