@@ -13,8 +13,9 @@ from ._registry import register_method
 
 __all__ = ["GradDrop"]
 
-# Columns per block of the torch pass: bounds the temporaries (two [K, block] clamps).
+# Columns per block of the torch pass (CPU: the accumulators stay in cache; GPU: few launches).
 _BLOCK = 1 << 16
+_GPU_BLOCK = 1 << 22
 
 
 @register_method("graddrop")
@@ -104,25 +105,39 @@ class GradDrop(Method):
         else:
             noise = torch.empty(n, dtype=work, device=rows.device)
         noise.uniform_(0.0, 1.0, generator=generator)
+        # Row by row into block-sized accumulators that stay in cache on a CPU; large blocks
+        # on a GPU, where each op is a kernel launch.
+        size = min(n, _BLOCK if rows.device.type == "cpu" else _GPU_BLOCK)
+        pos_buf, neg_buf, tmp_buf = (torch.empty(size, dtype=work, device=rows.device) for _ in range(3))
         leak = None if self._fast else self._leak(rows.device, work)
-        for start in range(0, n, _BLOCK):
-            block = rows[:, start : start + _BLOCK]
-            if block.dtype != work:
-                block = block.to(work)
-            pos = block.clamp_min(0)
-            neg = block.clamp_max(0)
-            pos_sum = pos.sum(0)
-            neg_sum = neg.sum(0)
+        for start in range(0, n, size):
+            block = rows[:, start : start + size]
+            m = block.shape[1]
+            pos, neg, tmp = pos_buf[:m], neg_buf[:m], tmp_buf[:m]
+            if leak is None:
+                for i in range(k):
+                    row = block[i] if block.dtype == work else block[i].to(work)
+                    if i == 0:
+                        torch.clamp_min(row, 0, out=pos)
+                        torch.clamp_max(row, 0, out=neg)
+                    else:
+                        pos.add_(torch.clamp_min(row, 0, out=tmp))
+                        neg.add_(torch.clamp_max(row, 0, out=tmp))
+                pos_sum, neg_sum = pos, neg
+            else:
+                full = block.to(work)
+                pos_all, neg_all = full.clamp_min(0), full.clamp_max(0)
+                pos_sum, neg_sum = pos_all.sum(0), neg_all.sum(0)
             signed = pos_sum + neg_sum  # sum_i g_i
             total = pos_sum - neg_sum  # sum_i |g_i|
             ratio = torch.where(total > 0, signed / torch.where(total > 0, total, 1.0), 0.0)
-            keep_positive = 0.5 * (1 + ratio) > noise[start : start + _BLOCK]
+            keep_positive = 0.5 * (1 + ratio) > noise[start : start + m]
             if leak is None:
                 res = torch.where(keep_positive, pos_sum, neg_sum)
             else:
                 keep, drop = leak
-                res = keep @ block + torch.where(keep_positive, drop @ pos, drop @ neg)
-            dst = out[start : start + _BLOCK]
+                res = keep @ full + torch.where(keep_positive, drop @ pos_all, drop @ neg_all)
+            dst = out[start : start + m]
             if accumulate:
                 dst.add_(res.to(dst.dtype))
             else:
