@@ -22,12 +22,13 @@ Choices, and why:
 * One learning rate for every student: classic KD's best on the validation images (the
   training half minus the students' subset), found by ``--magnitude-study`` (0.8; the sweep
   0.1/0.2/0.4/0.8/1.6 gave 83.3/84.4/86.0/86.6/78.2% validation accuracy).
-* MoKD's Gram matrix over all trained parameters (``gram_params="all"``, not the library's
-  default ``"shared"``): the projector's parameters are reached by the feature objective alone;
-  left out of the Gram matrix, that objective looks slow to improve (its gradient on the
-  student is small and nearly orthogonal to CE's and KL's), the min-norm weights give it
-  almost everything and the student barely learns (52.4% vs 85.4% mean test accuracy in the
-  study). With ``"all"`` the Gram matrix describes the update that is actually applied.
+* MoKD's Gram matrix over all trained parameters (``gram_params="all"``, the library's default,
+  chosen from this measurement): the projector's parameters are reached by the feature
+  objective alone; left out of the Gram matrix (``"shared"``), that objective looks slow to
+  improve (its gradient on the student is small and nearly orthogonal to CE's and KL's), the
+  min-norm weights give it almost everything and the student barely learns (about 52% vs 85%
+  mean test accuracy in the study). With ``"all"`` the Gram matrix describes the update that
+  is actually applied.
 * 50 labelled images for the students (5 per class): where a teacher's soft targets matter,
   so the distilled students' lead over the spread of the seeds is large and stable.
 

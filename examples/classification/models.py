@@ -8,7 +8,8 @@
   ``AvgPool2d(7)`` are ``AdaptiveAvgPool2d(1)`` here: the same on 32x32 / 224x224 inputs, no
   parameters, and any input size works).
 * DeiT / RegNetY-160 (DTO-KD's pair) come from timm when it is installed.
-* ``cnn<W>``: a small CNN of width W for the digits recipe and the tests.
+* ``cnn<W>``: a small CNN of width W for the digits recipe and the tests; ``cnn<W>gn`` the same
+  with GroupNorm (per-sample, so exact under data parallelism).
 
 ``build_model(name, num_classes, in_channels)``; ``MODELS`` lists the names; ``FEATURES[name]``
 gives the module names of each model's stages for feature distillation (``FeatureCapture``).
@@ -197,16 +198,27 @@ class MobileNetV1(nn.Module):
 
 # ----------------------------------------------------------------------------- small CNN
 class SmallCNN(nn.Module):
-    """conv-conv-pool-conv-pool-linear of width ``w`` (the quickstart's CNN, any input size)."""
+    """conv-conv-pool-conv-pool-linear of width ``w`` (the quickstart's CNN, any input size).
 
-    def __init__(self, width: int, num_classes: int = 10, in_channels: int = 1) -> None:
+    ``norm="gn"`` (``cnn<W>gn``) swaps BatchNorm for GroupNorm(1, C), a per-sample
+    normalisation: split over processes, a batch then gives exactly the one-process result
+    (BatchNorm normalises over each process's shard, as in any DDP run without SyncBatchNorm).
+    """
+
+    def __init__(
+        self, width: int, num_classes: int = 10, in_channels: int = 1, norm: str = "bn"
+    ) -> None:
         super().__init__()
         w = width
+
+        def nrm(c: int) -> nn.Module:
+            return nn.BatchNorm2d(c) if norm == "bn" else nn.GroupNorm(1, c)
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(in_channels, w, 3, padding=1), nrm(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nrm(2 * w), nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nrm(2 * w), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
         )  # fmt: skip
         self.fc = nn.Linear(2 * w, num_classes)
@@ -228,7 +240,7 @@ def _torchvision(name: str):
 
 
 def _timm(name: str):
-    def build(num_classes: int, in_channels: int) -> nn.Module:
+    def build(num_classes: int, in_channels: int, drop_path: float = 0.0) -> nn.Module:
         try:
             import timm
         except ImportError:
@@ -236,9 +248,11 @@ def _timm(name: str):
                 f"model {name!r} comes from timm, which is not installed: pip install timm"
             ) from None
         return timm.create_model(
-            name, pretrained=False, num_classes=num_classes, in_chans=in_channels
-        )
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+            drop_path_rate=drop_path,
+        )  # fmt: skip
 
+    build.timm = True
     return build
 
 
@@ -255,7 +269,7 @@ _BUILDERS = {
     "deit_tiny_patch16_224": _timm("deit_tiny_patch16_224"),
     "deit_small_patch16_224": _timm("deit_small_patch16_224"),
 }
-MODELS = sorted(_BUILDERS) + ["cnn<W> (e.g. cnn4, cnn32)"]
+MODELS = sorted(_BUILDERS) + ["cnn<W> (e.g. cnn4, cnn32)", "cnn<W>gn (GroupNorm)"]
 
 #: Last-stage module names for feature distillation (``--features``).
 FEATURES = {
@@ -274,14 +288,25 @@ FEATURES = {
 }
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    m = re.fullmatch(r"cnn(\d+)", name)
-    if m:
-        return SmallCNN(int(m.group(1)), num_classes, in_channels)
-    if name not in _BUILDERS:
+_CNN = re.compile(r"cnn(\d+)(gn)?")
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, drop_path: float = 0.0
+) -> nn.Module:
+    """``drop_path`` (stochastic depth) applies to the timm models only."""
+    m = _CNN.fullmatch(name)
+    if m is None and name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    timm_model = m is None and getattr(_BUILDERS[name], "timm", False)
+    if drop_path and not timm_model:
+        raise ValueError(f"drop path (stochastic depth) applies to timm models, not {name!r}")
+    if m:
+        return SmallCNN(int(m.group(1)), num_classes, in_channels, m.group(2) or "bn")
+    if timm_model:
+        return _BUILDERS[name](num_classes, in_channels, drop_path)
     return _BUILDERS[name](num_classes, in_channels)
 
 
 def feature_stage(name: str) -> str:
-    return FEATURES["cnn" if re.fullmatch(r"cnn(\d+)", name) else name]
+    return FEATURES["cnn" if _CNN.fullmatch(name) else name]

@@ -16,11 +16,16 @@ a published protocol (sources next to each entry of RECIPES); any flag overrides
     # resume after an interruption (atomic checkpoints; continues as if it never stopped)
     ... same command ... --resume
 
-Distributed: under torchrun each process computes its K per-objective gradients on its shard
-(``opt.backward`` inside ``DistributedDataParallel.no_sync()``), so the balancing weights are
-per process; the balanced gradients are then averaged across processes with one all-reduce.
-Averaging the per-objective gradients *before* balancing (exact global weights) is the
-distributed issue's work in the library.
+Distributed: under torchrun the optimizer is built with ``process_group=dist.group.WORLD`` and
+``opt.backward`` runs inside ``DistributedDataParallel.no_sync()``: every objective's gradient
+(and loss value) is averaged across processes *before* the Gram matrix, so every process
+computes the same weights, the ones one process would compute on the whole batch. With a
+per-sample normalisation (GroupNorm, LayerNorm) the run equals the one-process run on the same
+total batch (tested); BatchNorm normalises over each process's shard, as in any DDP run.
+Loss-based methods (famo, uw, dwa, rlw, mokd_amortized) do one backward of the weighted sum:
+the script averages their loss values across processes first (so the weights agree) and the
+gradient after. Each epoch checks that the processes still hold identical parameters
+(``replica_max_diff`` in metrics.csv).
 
 Outputs in ``--output-dir``: ``config.json`` (the resolved config with world size, effective
 batch and learning rate), ``metrics.csv`` (per epoch: losses, top-1/top-5, lr, time),
@@ -76,23 +81,31 @@ RECIPES: dict[str, dict] = {
         "schedule": "step", "milestones": [30, 60, 90], "temperature": 1.0,
         "loss_weights": [0.5, 0.5], "image_size": 224, "augment": "imagenet",
     },
-    # DTO-KD (Hayder et al., ICLR 2026) as reported second-hand (docs/MOKD.md s.5): DeiT recipe
-    # (Touvron et al. 2021: batch 1024, lr 5e-4 x 1024/512 = 1e-3, AdamW, wd 0.05, cosine,
-    # 5 warm-up epochs, RandAugment + random erasing), 300 epochs, teacher RegNetY-160 (82.6),
-    # feature KD through the projector. Published: DeiT-Ti 79.7 top-1 (VkD 78.3). Not
-    # reproduced here: DeiT's mixup/cutmix and repeated augmentation.
+    # DTO-KD (Hayder et al., ICLR 2026) as reported second-hand (docs/MOKD.md s.5): the DeiT
+    # recipe, 300 epochs, teacher RegNetY-160 (82.6), feature KD through the projector.
+    # Published: DeiT-Ti 79.7 top-1 (VkD 78.3). The DeiT recipe (Touvron et al. 2021;
+    # github.com/facebookresearch/deit main.py defaults): AdamW, lr 5e-4 x 1024/512 = 1e-3,
+    # wd 0.05, batch 1024, cosine to 1e-5 after 5 linear warm-up epochs from 1e-6 (timm's
+    # per-epoch scheduler), RandAugment rand-m9-mstd0.5-inc1 + random erasing 0.25 (timm's
+    # create_transform, bicubic), mixup 0.8 / cutmix 1.0 (switch 0.5, per batch), label
+    # smoothing 0.1, repeated augmentation x3 (RASampler), drop path 0.1. Not reproduced:
+    # DeiT's model EMA. The KD temperature and weights of DTO-KD are not known (T = 1, 0.5/0.5).
     "imagenet_regnety160_deit_tiny": {
         "dataset": "imagefolder", "teacher": "regnety_160", "student": "deit_tiny_patch16_224",
         "epochs": 300, "batch_size": 1024, "lr": 1e-3, "optimizer": "adamw",
-        "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 5, "temperature": 1.0,
-        "loss_weights": [0.5, 0.5], "image_size": 224, "augment": "deit", "features": True,
+        "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 5, "warmup_lr": 1e-6,
+        "min_lr": 1e-5, "temperature": 1.0, "loss_weights": [0.5, 0.5], "image_size": 224,
+        "augment": "deit", "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
+        "repeated_aug": 3, "drop_path": 0.1, "features": True,
     },
     # Same, DeiT-S. Published: 83.1 top-1 (VkD 82.3).
     "imagenet_regnety160_deit_small": {
         "dataset": "imagefolder", "teacher": "regnety_160", "student": "deit_small_patch16_224",
         "epochs": 300, "batch_size": 1024, "lr": 1e-3, "optimizer": "adamw",
-        "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 5, "temperature": 1.0,
-        "loss_weights": [0.5, 0.5], "image_size": 224, "augment": "deit", "features": True,
+        "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 5, "warmup_lr": 1e-6,
+        "min_lr": 1e-5, "temperature": 1.0, "loss_weights": [0.5, 0.5], "image_size": 224,
+        "augment": "deit", "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
+        "repeated_aug": 3, "drop_path": 0.1, "features": True,
     },
     # mdistiller CIFAR-100 (configs/cifar100/kd.yaml + mdistiller/engine/cfg.py defaults, the
     # CRD protocol): 240 epochs, batch 64, SGD lr 0.05, x0.1 at 150/180/210, wd 5e-4, T = 4,
@@ -125,9 +138,11 @@ DEFAULTS = {
     "recipe": None, "dataset": None, "data_path": None, "teacher": None, "student": None,
     "epochs": 10, "batch_size": 64, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
     "weight_decay": 0.0, "schedule": "step", "milestones": [], "gamma": 0.1,
-    "warmup_epochs": 0, "temperature": 1.0, "loss_weights": None, "image_size": 32,
-    "augment": "none", "features": False, "method": "mokd", "method_options": {},
-    "gram_params": "all", "amp": None, "workers": 4, "seed": 0, "log_every": 20,
+    "warmup_epochs": 0, "warmup_lr": 0.0, "min_lr": 0.0, "temperature": 1.0,
+    "loss_weights": None, "image_size": 32, "augment": "none", "mixup": 0.0, "cutmix": 0.0,
+    "mixup_switch_prob": 0.5, "label_smoothing": 0.0, "repeated_aug": 1, "drop_path": 0.0,
+    "features": False, "method": "mokd", "method_options": {},
+    "gram_params": None, "amp": None, "workers": 4, "seed": 0, "log_every": 20,
     "output_dir": None, "teacher_ckpt": None, "teacher_pretrained": None,
     "teacher_dtype": None, "resume": None, "stop_after_epochs": None, "eval_batch_size": None,
     "tensorboard": True, "progress": True,
@@ -207,8 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--milestones", type=_ints)
     a("--gamma", type=float)
     a("--warmup-epochs", type=int)
+    a("--warmup-lr", type=float, help="cosine: the lr of the first warm-up epoch (DeiT: 1e-6)")
+    a("--min-lr", type=float, help="cosine: the lr it decays to (DeiT: 1e-5)")
     a("--image-size", type=int)
     a("--augment", choices=["imagenet", "cifar", "deit", "shift", "none"])
+    a("--mixup", type=float, help="mixup alpha (0: off; DeiT: 0.8)")
+    a("--cutmix", type=float, help="cutmix alpha (0: off; DeiT: 1.0)")
+    a("--mixup-switch-prob", type=float, help="with both on, the chance of cutmix (0.5)")
+    a("--label-smoothing", type=float, help="of the cross-entropy targets (DeiT: 0.1)")
+    a("--repeated-aug", type=int, help="repeated augmentation: copies of each image (DeiT: 3)")
+    a("--drop-path", type=float, help="stochastic depth of a timm student (DeiT: 0.1)")
     a("--amp", choices=["bf16", "fp16"])
     a("--workers", type=int)
     a("--seed", type=int)
@@ -258,6 +281,13 @@ def resolve_config(argv=None) -> dict:
     if cfg["output_dir"] is None:
         name = f"{recipe or cfg['student']}-{method}"
         cfg["output_dir"] = str(Path("runs") / "train_kd" / name)
+    for key in ("mixup", "cutmix", "label_smoothing", "drop_path", "warmup_lr", "min_lr"):
+        if cfg[key] < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if not 0 <= cfg["mixup_switch_prob"] <= 1 or cfg["label_smoothing"] >= 1:
+        raise ConfigError("--mixup-switch-prob must be in [0, 1] and --label-smoothing below 1")
+    if cfg["repeated_aug"] < 1:
+        raise ConfigError(f"--repeated-aug must be >= 1, got {cfg['repeated_aug']}")
     n_obj = 3 if cfg["features"] else 2
     if cfg["loss_weights"] is None:
         cfg["loss_weights"] = [0.5, 0.5]
@@ -286,7 +316,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def all_reduce_mean_grads(params: list[torch.Tensor], world: int) -> None:
-    """Average ``.grad`` across processes with one flat all-reduce."""
+    """Average ``.grad`` across processes with one flat all-reduce (loss-based methods)."""
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
@@ -297,6 +327,30 @@ def all_reduce_mean_grads(params: list[torch.Tensor], world: int) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def with_global_values(losses: list[torch.Tensor], world: int) -> list[torch.Tensor]:
+    """Losses whose values are the averages over processes and whose gradients are local.
+
+    For loss-based methods, whose weights are read from the loss values alone: every process
+    then computes the same weights (and method state). ``v + (l - l.detach())`` has the value
+    ``v`` exactly on every process (``l - l`` is exactly 0) and the gradient of ``l``.
+    """
+    values = torch.stack([loss.detach().float() for loss in losses])
+    dist.all_reduce(values)
+    values /= world
+    return [v.to(loss.dtype) + (loss - loss.detach()) for v, loss in zip(values, losses)]
+
+
+@torch.no_grad()
+def replica_max_diff(params: list[torch.Tensor]) -> float:
+    """Largest difference between any process's parameters and process 0's (0.0 expected)."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
 # ----------------------------------------------------------------------------- data
@@ -350,7 +404,10 @@ def _transforms(cfg: dict, train: bool, mean, std):
     if aug in ("imagenet", "deit"):
         if train:
             return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-        return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
+        # DeiT evaluates with bicubic resizing (its datasets.py), torchvision's reference bilinear
+        mode = T.InterpolationMode.BICUBIC if aug == "deit" else T.InterpolationMode.BILINEAR
+        resize = T.Resize(int(size * 256 / 224), interpolation=mode)
+        return T.Compose([resize, T.CenterCrop(size), *norm])
     if aug == "cifar" and train:
         return T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), *norm])
     return T.Compose([T.Resize((size, size)), *norm]) if aug == "none" else T.Compose(norm)
@@ -398,6 +455,87 @@ def build_datasets(cfg: dict):
     return train, val, len(train.classes), 3
 
 
+class MixupCutmix:
+    """Mixup / CutMix of a batch with label smoothing: timm's ``Mixup`` in the mode DeiT uses.
+
+    Per batch: ``lam ~ Beta(alpha, alpha)``; with both on, CutMix with probability
+    ``switch_prob``; the batch is mixed with itself reversed (mixup: ``lam x + (1 - lam) x'``;
+    CutMix: a box of area ``1 - lam`` pasted from ``x'``, ``lam`` then corrected to the box's
+    real area). Targets: ``lam y + (1 - lam) y'`` of one-hot vectors smoothed to
+    ``1 - s + s/C`` and ``s/C``. Draws from numpy's global RNG (seeded per process, saved in
+    checkpoints), as timm does. The teacher sees the mixed images too (as in DeiT).
+    """
+
+    def __init__(self, mixup: float, cutmix: float, switch_prob: float, smoothing: float,
+                 num_classes: int) -> None:  # fmt: skip
+        self.mixup, self.cutmix = mixup, cutmix
+        self.switch_prob, self.smoothing, self.num_classes = switch_prob, smoothing, num_classes
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or np.random.rand() < self.switch_prob)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        lam = float(np.random.beta(alpha, alpha))
+        if use_cutmix:
+            (y0, y1, x0, x1), lam = self.box(x.shape[-2:], lam)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        else:
+            x = x * lam + x.flip(0) * (1.0 - lam)
+        return x, self.targets(y, lam)
+
+    @staticmethod
+    def box(shape, lam: float):
+        """timm's ``rand_bbox`` + ``cutmix_bbox_and_lam(correct_lam=True)``."""
+        h, w = shape
+        ratio = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(h * ratio), int(w * ratio)
+        cy, cx = np.random.randint(0, h), np.random.randint(0, w)
+        y0, y1 = np.clip(cy - cut_h // 2, 0, h), np.clip(cy + cut_h // 2, 0, h)
+        x0, x1 = np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w)
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+        return (int(y0), int(y1), int(x0), int(x1)), lam
+
+    def targets(self, y: torch.Tensor, lam: float) -> torch.Tensor:
+        off = self.smoothing / self.num_classes
+        on = 1.0 - self.smoothing + off
+        one_hot = torch.full((len(y), self.num_classes), off, device=y.device)
+        one_hot.scatter_(1, y[:, None], on)
+        return one_hot * lam + one_hot.flip(0) * (1.0 - lam)
+
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """DeiT's repeated augmentation (``RASampler``, facebookresearch/deit samplers.py).
+
+    Each epoch: a permutation seeded by ``seed + epoch``, every index repeated ``repeats``
+    times, dealt round-robin to the processes, so the copies of an image (each augmented
+    differently) land on different processes; each process keeps ``n // world`` of its
+    indices, so an epoch is as long as an ordinary one. (DeiT also rounds ``n`` down to a
+    multiple of 256 first, which drops at most 255 images an epoch; not done here, so small
+    sets work.)
+    """
+
+    def __init__(self, n: int, world: int, rank: int, repeats: int, seed: int) -> None:
+        self.n, self.world, self.rank, self.repeats, self.seed = n, world, rank, repeats, seed
+        self.epoch = 0
+        self.per_process = math.ceil(n * repeats / world)
+        self.selected = n // world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = [
+            i for i in torch.randperm(self.n, generator=g).tolist() for _ in range(self.repeats)
+        ]
+        total = self.per_process * self.world
+        order += order[: total - len(order)]
+        return iter(order[self.rank : total : self.world][: self.selected])
+
+    def __len__(self) -> int:
+        return self.selected
+
+
 # ----------------------------------------------------------------------------- teacher
 def _unwrap_state_dict(obj) -> dict:
     if isinstance(obj, dict):
@@ -429,7 +567,10 @@ def load_teacher(cfg: dict, num_classes: int, in_channels: int) -> nn.Module:
     path = Path(cfg["teacher_ckpt"]).expanduser()
     if not path.is_file():
         raise ConfigError(f"--teacher-ckpt {str(path)!r} does not exist")
-    model = build_model(arch, num_classes, in_channels)
+    try:
+        model = build_model(arch, num_classes, in_channels)
+    except ValueError as e:
+        raise ConfigError(f"--teacher {arch!r}: {e}") from None
     state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -568,6 +709,7 @@ def main(argv=None) -> dict:
         return train(cfg, rank, world, device)
     finally:
         if world > 1 and dist.is_initialized():
+            dist.barrier()  # nobody tears gloo down while a peer still talks to it
             dist.destroy_process_group()
 
 
@@ -588,7 +730,11 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
     method = cfg["method"]
     distill = method != "scratch"
 
-    student = build_model(cfg["student"], num_classes, in_ch).to(device)
+    try:
+        student = build_model(cfg["student"], num_classes, in_ch, drop_path=cfg["drop_path"])
+    except ValueError as e:
+        raise ConfigError(f"--student {cfg['student']!r}: {e}") from None
+    student = student.to(device)
     teacher = None
     if distill:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg["teacher_dtype"]]
@@ -602,9 +748,23 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         return torch.autocast(device.type, dtype=amp_dtype)
 
     # Data: a seeded sampler per epoch, so a resumed run sees the same batches.
-    sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True
-    )
+    if cfg["repeated_aug"] > 1:
+        sampler = RepeatedAugSampler(len(train_set), world, rank, cfg["repeated_aug"], cfg["seed"])
+    else:
+        sampler = torch.utils.data.DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"],
+            drop_last=True,
+        )  # fmt: skip
+    mix = None
+    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
+        mix = MixupCutmix(cfg["mixup"], cfg["cutmix"], cfg["mixup_switch_prob"],
+                          cfg["label_smoothing"], num_classes)  # fmt: skip
+
+    def cross_entropy(logits, target):
+        if target.ndim == 2:  # mixed soft targets, already smoothed
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=cfg["label_smoothing"])
+
     loader_kw = {"num_workers": cfg["workers"], "pin_memory": device.type == "cuda"}
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_kw
@@ -644,23 +804,34 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
     else:
         base = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     opt = base
+    loss_based = False
     if distill:
+        loss_based = not gradbal.get_method(method, **cfg["method_options"]).requires_task_gradients
+        extra = {} if cfg["gram_params"] is None else {"gram_params": cfg["gram_params"]}
         opt = gradbal.MultiObjectiveOptimizer(
             base,
             method=method,
-            gram_params=cfg["gram_params"],
-            seed=cfg["seed"],
+            seed=cfg["seed"],  # the same on every process
+            # Exact distributed balancing: each objective's gradient and loss value is averaged
+            # over the processes before the Gram matrix (backward under DDP's no_sync below).
+            process_group=dist.group.WORLD if world > 1 and not loss_based else None,
+            **extra,
             **cfg["method_options"],
         )
     if cfg["schedule"] == "step":
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg["milestones"], cfg["gamma"])
     else:
         warm, total = cfg["warmup_epochs"], cfg["epochs"]
+        lo = cfg["min_lr"] / cfg["lr"]
+        # without --warmup-lr the warm-up starts at lr / (warm-up epochs + 1)
+        start = cfg["warmup_lr"] / cfg["lr"] if cfg["warmup_lr"] > 0 else 1 / (warm + 1)
 
         def factor(epoch: int) -> float:
+            # timm's CosineLRScheduler per epoch (DeiT): linear warm-up from warmup_lr, then
+            # cosine from lr to min_lr over all the epochs (warm-up ones included)
             if epoch < warm:
-                return (epoch + 1) / (warm + 1)
-            return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, total - warm)))
+                return start + epoch * (1 - start) / warm
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * epoch / max(1, total)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -745,6 +916,21 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
 
     weights = torch.tensor(cfg["loss_weights"], device=device)
     fixed_weights = method == "sum"
+    after_step = distill and opt.method.uses_losses_after_step
+
+    def objectives(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """[CE, KD(, feature)] of one batch."""
+        with amp_ctx():
+            logits = net(x)
+            t_logits = teacher(x)
+            losses = [
+                cross_entropy(logits, y),
+                gradbal.kd_loss(logits, t_logits, cfg["temperature"]),
+            ]
+            if projector is not None:
+                losses.append(projector(*pair.pop()))
+        return losses
+
     step = start_epoch * len(train_loader)
     stopped_early = False
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -754,13 +940,16 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         sampler.set_epoch(epoch)
         student.train()
         t0 = time.time()
+        epoch_lr = base.param_groups[0]["lr"]
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         bar = _progress(len(train_loader), f"epoch {epoch + 1}/{cfg['epochs']}", is_main, cfg)
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mix is not None:
+                x, y = mix(x, y)
             if not distill:
                 with amp_ctx():
-                    loss = F.cross_entropy(model(x), y)
+                    loss = cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -769,28 +958,33 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
                 sums[3] += 1
             else:
                 # K backward passes inside no_sync: DDP's own all-reduce would fire K times
-                # and mix the objectives; we average the balanced gradient once instead.
+                # and mix the objectives; the optimizer averages each objective instead.
                 sync_ctx = model.no_sync() if world > 1 else nullcontext()
                 with sync_ctx:
-                    with amp_ctx():
-                        logits = model(x)
-                        t_logits = teacher(x)
-                        losses = [
-                            F.cross_entropy(logits, y),
-                            gradbal.kd_loss(logits, t_logits, cfg["temperature"]),
-                        ]
-                        if projector is not None:
-                            losses.append(projector(*pair.pop()))
+                    losses = objectives(model, x, y)
                     if fixed_weights:
                         losses = [w * loss for w, loss in zip(weights, losses)]
+                    if loss_based and world > 1:
+                        losses = with_global_values(losses, world)
                     opt.zero_grad(set_to_none=True)
                     opt.backward(losses, scaler=scaler if scaler.is_enabled() else None)
-                all_reduce_mean_grads(params, world)
+                if loss_based and world > 1:
+                    all_reduce_mean_grads(params, world)
                 if scaler.is_enabled():
                     scaler.step(opt)
                     scaler.update()
                 else:
                     opt.step()
+                if after_step:
+                    # FAMO's published rule: the same batch's losses with the new parameters
+                    # (the model stays in train mode, as in FAMO's code); averaged over
+                    # processes so every process updates its weights alike.
+                    with torch.no_grad():
+                        after = torch.stack([v.float() for v in objectives(student, x, y)])
+                    if world > 1:
+                        dist.all_reduce(after)
+                        after /= world
+                    opt.update_after_step(after)
                 vals = torch.stack([loss.detach().double() for loss in losses])
                 sums[: len(vals)] += vals
                 sums[3] += 1
@@ -808,16 +1002,20 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         if world > 1:
             dist.all_reduce(sums)
         mean = (sums[:3] / sums[3].clamp_min(1)).tolist()
+        drift = replica_max_diff(params) if world > 1 else None
+        if is_main and drift:
+            print(f"warning: the processes' parameters differ by up to {drift:.3g}")
         top1, top5 = evaluate(student, val_loader, device, world, amp_ctx)
         row = {
             "epoch": epoch + 1,
-            "lr": base.param_groups[0]["lr"],
+            "lr": epoch_lr,
             "loss_ce": mean[0],
             "loss_kd": mean[1] if distill else None,
             "loss_feature": mean[2] if projector is not None else None,
             "top1": top1,
             "top5": top5,
             "seconds": time.time() - t0,
+            "replica_max_diff": drift,
         }
         history.append(row)
         states = [rng_state()]

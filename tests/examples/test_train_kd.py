@@ -3,12 +3,14 @@
 import csv
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,7 +103,9 @@ def test_mixed_precision_one_epoch(tk, data, teacher_ckpt, tmp_path, amp):
 
 
 def test_resume_equals_uninterrupted(tk, data, teacher_ckpt, tmp_path):
-    common = ["--method", "mokd", "--features", "true", "--epochs", "3"]
+    # mixup/cutmix draw from numpy's RNG: its state must come back too
+    common = ["--method", "mokd", "--features", "true", "--epochs", "3", "--mixup", "0.8",
+              "--cutmix", "1.0"]  # fmt: skip
     full = tk.main(base_args(data, teacher_ckpt, tmp_path / "full", *common))
     part = tk.main(
         base_args(data, teacher_ckpt, tmp_path / "split", *common, "--stop-after-epochs", "1")
@@ -117,23 +121,131 @@ def test_resume_equals_uninterrupted(tk, data, teacher_ckpt, tmp_path):
     assert [r["top1"] for r in full["history"]] == [r["top1"] for r in resumed["history"]]
 
 
-def test_two_processes_under_torchrun(data, teacher_ckpt, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    if not Path(torchrun).exists():
+def torchrun(args, timeout=240):
+    exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(exe).exists():
         pytest.skip("torchrun not found")
-    out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-        *base_args(data, teacher_ckpt, out, "--method", "mokd", "--features", "true",
-                   "--epochs", "1"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    cmd = [exe, "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args]
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
+
+
+def read_csv(path):
+    return list(csv.DictReader(path.open()))
+
+
+def as_floats(rows, prefix):
+    return torch.tensor(
+        [[float(v) for k, v in row.items() if k.startswith(prefix)] for row in rows],
+        dtype=torch.float64,
+    )
+
+
+@pytest.mark.parametrize("method", ["mokd", "famo"])
+def test_two_processes_equal_one_process(tk, data, teacher_ckpt, tmp_path, method):
+    """torchrun, 2 gloo processes x 3 images = 1 process x 6 images, step for step.
+
+    Deterministic data (no augmentation; DistributedSampler splits one shuffled order, so each
+    step's two shards are exactly the one-process batch) and a per-sample normalisation in the
+    student (GroupNorm: BatchNorm would normalise each shard by itself). mokd is exact through
+    the optimizer's process_group (gradients averaged per objective before the Gram matrix);
+    famo (loss-based, with the published update="after_step") through the script's averaging
+    of the loss values, of the gradient, and of the losses re-evaluated after each step.
+    """
+    extra = ["--student", "cnn4gn", "--augment", "none", "--method", method,
+             "--features", "true", "--epochs", "2"]  # fmt: skip
+    if method == "famo":  # the published rule: losses re-evaluated after each step
+        extra += ["--method-options", "update=after_step"]
+    torchrun(base_args(data, teacher_ckpt, tmp_path / "ddp", *extra))
+    one = tk.main(base_args(data, teacher_ckpt, tmp_path / "one", *extra))
+    assert one["finished"]
+
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config["world_size"] == 2
     assert config["per_process_batch"] == 3 and config["effective_batch"] == 6
+    ddp_metrics = read_csv(tmp_path / "ddp" / "metrics.csv")
+    assert [float(r["replica_max_diff"]) for r in ddp_metrics] == [0.0, 0.0]  # same on both ranks
+
+    # The balancing, step by step (rank 0 logs; both ranks hold the same parameters).
+    ddp, ref = (read_csv(tmp_path / d / "diagnostics.csv") for d in ("ddp", "one"))
+    assert len(ddp) == len(ref) == 8  # 2 epochs x 24 images / 6
+    for prefix in ("weight_", "loss_", "grad_norm_", "cos_"):
+        torch.testing.assert_close(
+            as_floats(ddp, prefix), as_floats(ref, prefix), rtol=1e-5, atol=1e-7,
+            equal_nan=True, msg=lambda m, p=prefix: f"{p}: {m}",
+        )  # fmt: skip
+    assert as_floats(ddp, "weight_").std(0).max() > 1e-4  # the weights did move
+    # ... and the trained student after 8 steps.
+    a = torch.load(tmp_path / "ddp" / "student_final.pth", weights_only=True)
+    b = torch.load(tmp_path / "one" / "student_final.pth", weights_only=True)
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert [float(r["top1"]) for r in ddp_metrics] == [r["top1"] for r in one["history"]]
+
+
+def test_two_processes_batchnorm_augmented(data, teacher_ckpt, tmp_path):
+    """The usual case (BatchNorm student, random augmentation) completes under torchrun with
+    the processes' parameters identical after every epoch; with uw, whose log-variances are
+    parameters of the wrapped optimizer trained from the (process-averaged) loss values."""
+    out = tmp_path / "ddp"
+    torchrun(base_args(data, teacher_ckpt, out, "--method", "uw", "--epochs", "2"))
+    assert [float(r["replica_max_diff"]) for r in read_csv(out / "metrics.csv")] == [0.0, 0.0]
     assert (out / "student_final.pth").is_file()
+
+
+def test_deit_style_training(tk, data, teacher_ckpt, tmp_path):
+    """The DeiT recipe's pieces on the tiny set: mixup + cutmix with label smoothing, repeated
+    augmentation, timm's warm-up + cosine schedule (per epoch)."""
+    out = tmp_path / "deit"
+    extra = ["--method", "mokd", "--features", "true", "--epochs", "3", "--mixup", "0.8",
+             "--cutmix", "1.0", "--label-smoothing", "0.1", "--repeated-aug", "3",
+             "--schedule", "cosine", "--warmup-epochs", "1", "--warmup-lr", "0.005",
+             "--min-lr", "0.001"]  # fmt: skip
+    result = tk.main(base_args(data, teacher_ckpt, out, *extra))
+    assert result["finished"]
+    assert all(torch.isfinite(p).all() for p in result["student"].parameters())
+    lrs = [r["lr"] for r in result["history"]]
+    expected = [0.005] + [0.001 + 0.049 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2)]
+    assert lrs == pytest.approx(expected)
+    assert len(read_csv(out / "diagnostics.csv")) == 3 * 4  # RA keeps the epoch's length
+
+
+def test_mixup_cutmix_targets(tk):
+    np.random.seed(0)
+    mix = tk.MixupCutmix(0.8, 1.0, 0.5, 0.1, num_classes=5)
+    x = torch.arange(4.0)[:, None, None, None].expand(4, 1, 8, 8).contiguous()
+    y = torch.tensor([0, 1, 2, 3])
+    seen = set()
+    for _ in range(20):
+        xm, t = mix(x, y)
+        assert t.shape == (4, 5) and torch.allclose(t.sum(1), torch.ones(4))
+        assert t.min() >= 0.1 / 5 - 1e-7
+        # the share of image b in mixed image 0 (whose partner is image 3) is the target's
+        share = (xm[0] / 3).mean().item()  # pixels are 0 (own) or 3 (pasted) or a blend
+        lam = (t[0, 0].item() - 0.02) / 0.9
+        assert share == pytest.approx(1 - lam, abs=1e-5)
+        seen.add(bool(((xm[0] == 0) | (xm[0] == 3)).all()))  # cutmix keeps pure pixels
+    assert seen == {True, False}  # both modes were drawn
+    _, t = tk.MixupCutmix(0.0, 1.0, 0.5, 0.0, 5)(x, y)  # cutmix only, no smoothing
+    assert t.max() <= 1 and t.sum() == pytest.approx(4)
+
+
+def test_repeated_augmentation_sampler(tk):
+    n, repeats = 12, 3
+    for world in (1, 2, 3):
+        parts = [list(tk.RepeatedAugSampler(n, world, r, repeats, seed=0)) for r in range(world)]
+        assert all(len(p) == n // world for p in parts)
+        if world == 3:  # the 3 copies of an image go to the 3 processes, in the same step
+            assert parts[0] == parts[1] == parts[2] and len(set(parts[0])) == 4
+    s = tk.RepeatedAugSampler(n, 1, 0, repeats, seed=0)
+    first = list(s)
+    assert first[:3] == [first[0]] * 3 and list(s) == first  # seeded by epoch
+    s.set_epoch(1)
+    assert list(s) != first
 
 
 def test_clear_errors(tk, data, teacher_ckpt, tmp_path):
@@ -159,6 +271,11 @@ def test_clear_errors(tk, data, teacher_ckpt, tmp_path):
     no_teacher = [a for a in ok if a not in ("--teacher-ckpt", str(teacher_ckpt))]
     expect(no_teacher, "needs a teacher")
     expect(["--dataset", "cifar100", "--teacher", "cnn8", "--student", "cnn4"], "--data-path")
+    expect(ok + ["--student", "resnet99"], "unknown model 'resnet99'")
+    expect(ok + ["--drop-path", "0.1"], "applies to timm models")
+    expect(ok + ["--repeated-aug", "0"], "--repeated-aug must be >= 1")
+    expect(ok + ["--mixup", "-1"], "--mixup must be >= 0")
+    expect(ok + ["--label-smoothing", "1"], "--label-smoothing below 1")
 
 
 def test_recipes_resolve_and_flags_override(tk):
