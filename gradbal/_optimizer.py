@@ -404,10 +404,16 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         params = self._trainable_params()
         snapshot = [p.grad for p in params]
         try:
+            if self.process_group is not None:
+                # Same weights on every rank (from the rank-averaged losses), then the
+                # weighted gradient is averaged: exactly one process's step on the whole batch.
+                loss_values = distributed.average_loss_values(loss_values, self.process_group)
             total, weights = self.method.loss_objective(losses, loss_values, self.generator)
             if scaler is not None:
                 total = scaler.scale(total)
             torch.autograd.backward(total, inputs=params)
+            if self.process_group is not None:
+                distributed.average_grads(params, self.process_group)
         except BaseException:
             for p, g in zip(params, snapshot):
                 p.grad = g

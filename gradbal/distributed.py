@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._store import GradientStore, ParamGroupStore
+
 __all__ = ["average_objectives", "broadcast_seed"]
 
 
@@ -62,3 +64,215 @@ def average_objectives(store, loss_values: Tensor, reached_by: list[list[bool]],
     reach = torch.tensor(reached_by, dtype=torch.int32, device=device)
     dist.all_reduce(reach, op=dist.ReduceOp.MAX, group=group)
     return (losses / world).to(loss_values.device), reach.bool().tolist()
+
+
+def average_loss_values(loss_values: Tensor, group: Any) -> Tensor:
+    """Rank-averaged loss values (loss-based methods weight with these on every rank)."""
+    device = _device_for(group, loss_values.device)
+    losses = loss_values.to(device)
+    dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=group)
+    return (losses / dist.get_world_size(group)).to(loss_values.device)
+
+
+def average_grads(params: list[Tensor], group: Any) -> None:
+    """Average ``.grad`` over ranks with one all-reduce per (device, dtype) bucket.
+
+    Used after the single backward of a loss-based method (its weights are identical on every
+    rank, so averaging the weighted gradient is exact). A parameter that received a gradient
+    on some rank only gets a zero ``.grad`` on the others first, so every rank sends the same
+    buckets (one host read of the P reach flags)."""
+    world = dist.get_world_size(group)
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                       device=_device_for(group, params[0].device))
+    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p, anywhere in zip(params, has.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+# --------------------------------------------------------------------------- FSDP (fully_shard)
+# With torch's ``fully_shard`` (FSDP2) every parameter is a DTensor sharded over the ranks, and
+# FSDP's own reduce-scatter already *averages* each backward's gradient over the ranks into the
+# parameter's sharded ``.grad`` (adding in place when ``.grad`` is already a DTensor). So each
+# objective's backward writes its rank-averaged gradient shard straight into the store's row,
+# through DTensor ``.grad`` views of the local shards:
+#
+#   * rows[k] on a rank hold the rank's shard of objective k's averaged gradient;
+#   * the Gram matrix is the all-reduce (sum) of the K x K local partial Grams;
+#   * the weights are computed on every rank from that same matrix; the combine is local.
+#
+# Communication per step: K reduce-scatters of the gradient (FSDP's own, one per objective's
+# backward), K all-gathers of the parameters in backward when FSDP reshards them after
+# forward, one all-reduce of K x K float64 numbers and one of K loss values.
+
+
+def is_sharded(params) -> bool:
+    """True when the parameters are DTensors (``fully_shard``); they must then all be."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    if kinds == {True, False}:
+        raise ValueError(
+            "the optimizer mixes DTensor (fully_shard) parameters with plain ones; shard the "
+            "whole model (fully_shard on the root module too) or give them separate optimizers"
+        )
+    return kinds == {True}
+
+
+def _local(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def shard_group(params) -> Any:
+    """The process group the parameters are sharded over (one 1-D mesh, Shard placements)."""
+    from torch.distributed.tensor import Shard
+
+    meshes = {id(p.device_mesh): p.device_mesh for p in params}
+    if len(meshes) != 1:
+        raise ValueError("the parameters are sharded over different device meshes; gradbal "
+                         "needs one (fully_shard with one mesh)")
+    (mesh,) = meshes.values()
+    if mesh.ndim != 1 or not all(isinstance(pl, Shard) for p in params for pl in p.placements):
+        raise ValueError(
+            f"gradbal supports FSDP's 1-D sharding (Shard placements on a 1-D mesh), got mesh "
+            f"{tuple(mesh.shape)} and placements {sorted({str(p.placements) for p in params})}; "
+            "HSDP (replicate x shard) would need the partial Gram matrix reduced over the shard "
+            "dimension only"
+        )
+    return mesh.get_group()
+
+
+class ShardedParamGroupStore(ParamGroupStore):
+    """Rows and ``out`` over this rank's local shards; views handed out as DTensors."""
+
+    def __init__(self, params, indices):
+        self.params = list(params)
+        self.indices = list(indices)
+        locals_ = [_local(p) for p in self.params]
+        self.local_shapes = [t.shape for t in locals_]
+        self.device = locals_[0].device
+        self.dtype = locals_[0].dtype
+        self.numels = [t.numel() for t in locals_]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        self.numel = total
+        self.out = torch.zeros(total, device=self.device, dtype=self.dtype)
+        self.out_views = self._views(self.out)
+        self.rows = torch.empty(0, total, device=self.device, dtype=self.dtype)
+        self.row_views = []
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        return [
+            DTensor.from_local(flat[o : o + n].view(shape), p.device_mesh, p.placements,
+                               run_check=False, shape=p.shape, stride=p.stride())
+            for p, shape, o, n in zip(self.params, self.local_shapes, self.offsets, self.numels)
+        ]
+
+    def owns_out_view(self, position: int, grad: Tensor) -> bool:
+        view, local = _local(self.out_views[position]), _local(grad)
+        return local.data_ptr() == view.data_ptr() and local.shape == view.shape
+
+
+class ShardedGradientStore(GradientStore):
+    """The optimizer's gradient store for ``fully_shard`` parameters: rows and ``out`` hold
+    this rank's shards, ``.grad`` are DTensor views of them (FSDP's reduce-scatter adds each
+    objective's rank-averaged shard into the row in place). ``group``: the shard group."""
+
+    sharded = True
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.key = tuple(id(p) for p in self.params)
+        self.group = shard_group(self.params)
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            t = _local(p)
+            by_kind.setdefault((t.device, t.dtype), []).append(i)
+        self.groups = [
+            ShardedParamGroupStore([self.params[i] for i in idx], idx) for idx in by_kind.values()
+        ]
+        self.location = [None] * len(self.params)
+        for g in self.groups:
+            for pos, i in enumerate(g.indices):
+                self.location[i] = (g, pos)
+
+    def prepare_out(self, snapshot) -> bool:
+        if all(s is None for s in snapshot):
+            return False
+        for i, prev in enumerate(snapshot):
+            g, pos = self.location[i]
+            seg = g.out[g.segment(pos)]
+            if prev is None:
+                seg.zero_()
+            elif not g.owns_out_view(pos, prev):
+                seg.copy_(_local(prev).reshape(-1))
+        return True
+
+
+class ShardedReachRecorder:
+    """Records which parameters each objective's backward reached, for ``fully_shard`` models.
+
+    FSDP's sharded parameters are not in the autograd graph (their unsharded copies are), so
+    tensor hooks never fire on them; FSDP calls their post-accumulate-grad hooks after each
+    reduce-scatter instead. The flags are the same on every rank (the reduce-scatter is
+    collective), so they need no all-reduce. Same interface as the optimizer's recorder.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.reached: list[bool] = []
+        self.handles: list[Any] = []
+
+    def attach(self, params) -> None:
+        self.detach()
+        for i, p in enumerate(params):
+            self.handles.append(p.register_post_accumulate_grad_hook(self._hook_for(i)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook_for(self, index: int):
+        def hook(param) -> None:
+            if self.active:
+                self.reached[index] = True
+
+        return hook
+
+    def begin(self, num_params: int) -> None:
+        self.reached = [False] * num_params
+        self.active = True
+
+    def end(self) -> None:
+        self.active = False
+
+
+def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
+    """The float64 sum over ``group``'s ranks of a small tensor (a partial K x K Gram matrix,
+    the local parts of ``gram_params="shared"``'s diagonal correction), on ``t``'s device."""
+    device = _device_for(group, t.device)
+    flat = t.to(device=device, dtype=torch.float64).contiguous()
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return flat.to(t.device)

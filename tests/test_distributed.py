@@ -11,7 +11,7 @@ from tests import _dist_worker as worker
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "mokd:ddp"])
+@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "mokd:ddp", "dwa", "famo"])
 def test_ranks_match_one_process(tmp_path, world, method):
     init = f"file://{tmp_path / 'rendezvous'}"  # no TCP port to race for
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
