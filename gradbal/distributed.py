@@ -143,11 +143,8 @@ def shard_group(params) -> Any:
     """The process group the parameters are sharded over (one 1-D mesh, Shard placements)."""
     from torch.distributed.tensor import Shard
 
-    meshes = {id(p.device_mesh): p.device_mesh for p in params}
-    if len(meshes) != 1:
-        raise ValueError("the parameters are sharded over different device meshes; gradbal "
-                         "needs one (fully_shard with one mesh)")
-    (mesh,) = meshes.values()
+    meshes = [p.device_mesh for p in params]
+    mesh = meshes[0]
     if mesh.ndim != 1 or not all(isinstance(pl, Shard) for p in params for pl in p.placements):
         raise ValueError(
             f"gradbal supports FSDP's 1-D sharding (Shard placements on a 1-D mesh), got mesh "
@@ -155,7 +152,12 @@ def shard_group(params) -> Any:
             "HSDP (replicate x shard) would need the partial Gram matrix reduced over the shard "
             "dimension only"
         )
-    return mesh.get_group()
+    # Every fully_shard call builds its own (equal) mesh object: compare their groups.
+    group = mesh.get_group()
+    if any(m.get_group().group_name != group.group_name for m in meshes[1:]):
+        raise ValueError("the parameters are sharded over different process groups; gradbal "
+                         "needs one (fully_shard over one mesh)")
+    return group
 
 
 class ShardedParamGroupStore(ParamGroupStore):
