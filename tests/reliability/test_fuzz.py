@@ -378,7 +378,7 @@ def checked_call(prob: Problem, step: int, kinds: list[str]) -> str:
         opt.step()
     except FloatingPointError as err:
         raised = True
-        assert "non-finite" in str(err)
+        assert "finite" in str(err), err  # names the non-finite objective(s) or direction
     else:
         raised = False
     after = snapshot(prob.all_params, opt)
