@@ -83,3 +83,16 @@ def test_refused_step_leaves_method_state_and_generator(method):
         opt.step()
     assert torch.equal(opt.generator.get_state(), generator)
     assert str(opt.method.state_dict()) == str(method_state)
+
+
+@pytest.mark.xfail(strict=True, reason="loss-based backward reaching no parameter: RuntimeError from torch.stack([]), state advanced")
+@pytest.mark.parametrize("method", ["dwa", "famo", "rlw", "mokd_amortized"])
+def test_loss_based_backward_reaching_no_parameter_is_a_clear_error_that_changes_nothing(method):
+    _, opt = scalar_problem(method)
+    q = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))  # not in the optimizer
+    method_state = copy.deepcopy(opt.method.state_dict())
+    generator = opt.generator.get_state().clone()
+    with pytest.raises(ValueError):
+        opt.backward([q ** 2, (q - 1) ** 2])
+    assert torch.equal(opt.generator.get_state(), generator)
+    assert str(opt.method.state_dict()) == str(method_state)
