@@ -249,11 +249,17 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             raise ValueError("the optimizer holds no parameter that requires grad")
         return params
 
+    def _attach_recorder(self, params: list[torch.nn.Parameter]) -> None:
+        key = tuple(id(p) for p in params)
+        if getattr(self, "_recorder_key", None) != key:
+            self._recorder.attach(params)
+            self._recorder_key = key
+
     def _get_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
         key = tuple(id(p) for p in params)
         if self._store is None or self._store.key != key:
             self._store = GradientStore(params)
-            self._recorder.attach(params)
+        self._attach_recorder(params)
         return self._store
 
     # ----------------------------------------------------------------- the step
@@ -411,7 +417,18 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             total, weights = self.method.loss_objective(losses, loss_values, self.generator)
             if scaler is not None:
                 total = scaler.scale(total)
-            torch.autograd.backward(total, inputs=params)
+            self._attach_recorder(params)
+            self._recorder.begin(len(params))
+            try:
+                torch.autograd.backward(total, inputs=params)
+            finally:
+                self._recorder.end()
+            if self.process_group is None and not any(self._recorder.reached):
+                raise ValueError(
+                    "none of the losses depends on any parameter of the optimizer; check that "
+                    "they are computed from the model being trained and that its parameters "
+                    "were passed to the optimizer"
+                )
             if self.process_group is not None:
                 distributed.average_grads(params, self.process_group)
         except BaseException:

@@ -54,12 +54,7 @@ CLEAR_ERRORS = (ValueError, TypeError)
 # a strict-xfail minimal repro in test_known_issues.py. The fuzz test records these events
 # (hypothesis' statistics) instead of failing on them; everything else it checks strictly.
 # Remove an entry when its repro starts passing.
-KNOWN: set[str] = {
-    # Loss-based methods (dwa, famo, rlw, mokd_amortized) when no objective reaches any of
-    # the optimizer's parameters: RuntimeError "stack expects a non-empty TensorList" from the
-    # non-finite check, after the method's state / generator advanced (test_known_issues).
-    "loss-based backward reaching no parameter raises RuntimeError",
-}
+KNOWN: set[str] = set()  # every contract violation found so far is fixed
 
 
 class Plant(torch.autograd.Function):
@@ -238,6 +233,8 @@ def expected_outcome(prob: Problem, ref: dict, k: int) -> tuple[str, str | None]
         if any(ref["bad_grad"]) or any(ref["bad_loss"]):
             return "nonfinite", None
         return "step", None
+    if not any(ref["reached"]):
+        return "value", "no objective reaches any parameter"
     if any(ref["bad_loss"]):
         return "nonfinite", None
     if any(bad and reached for bad, reached in zip(ref["bad_grad"], ref["reached"])):
@@ -353,12 +350,6 @@ def checked_call(prob: Problem, step: int, kinds: list[str]) -> str:
     before = snapshot(prob.all_params, opt)
     try:
         opt.backward(losses)
-    except RuntimeError as err:
-        if "stack expects a non-empty TensorList" not in str(err) or any(ref["reached"]):
-            raise
-        event("KNOWN: loss-based backward reaching no parameter raises RuntimeError")
-        assert "loss-based backward reaching no parameter raises RuntimeError" in KNOWN
-        return "known"
     except CLEAR_ERRORS as err:
         note(f"backward raised {type(err).__name__}: {err}")
         assert want == "value", f"unexpected {type(err).__name__} ({err}); expected {want}"

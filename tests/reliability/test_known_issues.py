@@ -85,7 +85,7 @@ def test_refused_step_leaves_method_state_and_generator(method):
     assert str(opt.method.state_dict()) == str(method_state)
 
 
-@pytest.mark.xfail(strict=True, reason="loss-based backward reaching no parameter: RuntimeError from torch.stack([]), state advanced")
+
 @pytest.mark.parametrize("method", ["dwa", "famo", "rlw", "mokd_amortized"])
 def test_loss_based_backward_reaching_no_parameter_is_a_clear_error_that_changes_nothing(method):
     _, opt = scalar_problem(method)
