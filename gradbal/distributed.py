@@ -133,10 +133,14 @@ def is_sharded(params) -> bool:
     return kinds == {True}
 
 
-def _local(t: Tensor) -> Tensor:
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view, no copy); a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
 
     return t._local_tensor if isinstance(t, DTensor) else t
+
+
+_local = local_tensor
 
 
 def shard_group(params) -> Any:

@@ -97,7 +97,7 @@ def test_sharded_store_holds_averaged_shards_and_partial_grams_sum_to_the_gram(t
 @needs_fsdp
 @needs_patch
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac"])
+@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "dwa"])
 def test_optimizer_on_fully_shard_matches_one_process(tmp_path, world, method):
     ranks = launch(tmp_path, "optim", world, method)
     ref.run_reference(world, method, tmp_path / "ref.pt")
