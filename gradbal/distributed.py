@@ -19,6 +19,14 @@ must not reduce each objective's gradient itself)::
     with ddp_model.no_sync():
         opt.backward([loss_task, loss_kd])
     opt.step()
+
+The alternative, a reduce-scatter of the store + an all-reduce of the K x K partial Grams + an
+all-gather of the combined gradient, moves (K + 1)/2 DDP steps' bytes instead of K, but needs
+K + 2 collectives and measured slower on gloo at every size tried (docs/DISTRIBUTED.md).
+
+FSDP (``fully_shard``): see the section at the end of this module. FSDP's reduce-scatter
+averages each objective's gradient into the store's rows (this rank's shards); the Gram
+matrix is the all-reduce of the local partial Grams; the combine is local.
 """
 
 from __future__ import annotations
@@ -31,7 +39,19 @@ from torch import Tensor
 
 from ._store import GradientStore, ParamGroupStore
 
-__all__ = ["average_objectives", "broadcast_seed"]
+__all__ = [
+    "ShardedGradientStore",
+    "ShardedParamGroupStore",
+    "ShardedReachRecorder",
+    "all_reduce_sum",
+    "average_grads",
+    "average_loss_values",
+    "average_objectives",
+    "broadcast_seed",
+    "is_sharded",
+    "local_tensor",
+    "shard_group",
+]
 
 
 def _device_for(group: Any, fallback: torch.device) -> torch.device:
