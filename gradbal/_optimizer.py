@@ -173,8 +173,12 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            if process_group is not None:
-                seed = distributed.broadcast_seed(seed, process_group)
+            group = process_group
+            if group is None:  # fully_shard: the ranks must draw the same random orders too
+                sharded = [p for g in optimizer.param_groups for p in g["params"] if distributed.is_sharded([p])]
+                group = distributed.shard_group(sharded) if sharded else None
+            if group is not None:
+                seed = distributed.broadcast_seed(seed, group)
         self.generator = torch.Generator().manual_seed(seed)
         self.last_stats: StepStats | None = None
         self.skipped_steps = 0
@@ -252,13 +256,22 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
     def _attach_recorder(self, params: list[torch.nn.Parameter]) -> None:
         key = tuple(id(p) for p in params)
         if getattr(self, "_recorder_key", None) != key:
+            # fully_shard: the sharded parameters are not in the autograd graph (tensor hooks
+            # never fire); FSDP calls their post-accumulate-grad hooks after its reduce-scatter.
+            sharded = any(distributed.is_sharded([p]) for p in params)
+            recorder = distributed.ShardedReachRecorder() if sharded else _ReachRecorder()
+            self._recorder.detach()
+            self._recorder = recorder
             self._recorder.attach(params)
             self._recorder_key = key
 
     def _get_store(self, params: list[torch.nn.Parameter]) -> GradientStore:
         key = tuple(id(p) for p in params)
         if self._store is None or self._store.key != key:
-            self._store = GradientStore(params)
+            if distributed.is_sharded(params):  # fully_shard: DTensor views of local shards
+                self._store = distributed.ShardedGradientStore(params)
+            else:
+                self._store = GradientStore(params)
         self._attach_recorder(params)
         return self._store
 
@@ -299,6 +312,7 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         to_backward = [scaler.scale(loss) for loss in losses] if enabled_scaler else losses
 
         store = self._get_store(params)
+        sharded = getattr(store, "sharded", False)
         snapshot = store.snapshot_grads()
         # Everything below may advance the method's state and the generator: put them back
         # if anything fails before the end.
@@ -317,11 +331,18 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
                 store.point_grads_at_row(i)
                 self._recorder.begin(len(params))
                 try:
-                    torch.autograd.backward(loss, inputs=params, retain_graph=i < k - 1)
+                    # fully_shard: FSDP's hooks reduce-scatter the unsharded gradients into the
+                    # sharded parameters, which are not in the graph: no inputs= there.
+                    torch.autograd.backward(
+                        loss, inputs=None if sharded else params, retain_graph=i < k - 1
+                    )
                 finally:
                     self._recorder.end()
                 reached_by.append(self._recorder.reached)
-            if self.process_group is not None:
+            if sharded:
+                # FSDP's reduce-scatter already averaged every row over the ranks.
+                loss_values = distributed.average_loss_values(loss_values, store.group)
+            elif self.process_group is not None:
                 # A rank whose batch gives an objective no gradient is fine: the reach flags
                 # are OR-ed over ranks before the check below.
                 loss_values, reached_by = distributed.average_objectives(
@@ -410,27 +431,30 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         params = self._trainable_params()
         snapshot = [p.grad for p in params]
         try:
-            if self.process_group is not None:
+            sharded = [p for p in params if distributed.is_sharded([p])]
+            group = distributed.shard_group(sharded) if sharded else self.process_group
+            if group is not None:
                 # Same weights on every rank (from the rank-averaged losses), then the
                 # weighted gradient is averaged: exactly one process's step on the whole batch.
-                loss_values = distributed.average_loss_values(loss_values, self.process_group)
+                loss_values = distributed.average_loss_values(loss_values, group)
             total, weights = self.method.loss_objective(losses, loss_values, self.generator)
             if scaler is not None:
                 total = scaler.scale(total)
             self._attach_recorder(params)
             self._recorder.begin(len(params))
             try:
-                torch.autograd.backward(total, inputs=params)
+                # fully_shard: FSDP averages into the sharded parameters (not in the graph).
+                torch.autograd.backward(total, inputs=None if sharded else params)
             finally:
                 self._recorder.end()
-            if self.process_group is None and not any(self._recorder.reached):
+            if group is None and not any(self._recorder.reached):
                 raise ValueError(
                     "none of the losses depends on any parameter of the optimizer; check that "
                     "they are computed from the model being trained and that its parameters "
                     "were passed to the optimizer"
                 )
-            if self.process_group is not None:
-                distributed.average_grads(params, self.process_group)
+            if group is not None:  # the plain ones (a method's own); FSDP averaged the rest
+                distributed.average_grads([p for p in params if not distributed.is_sharded([p])], group)
         except BaseException:
             for p, g in zip(params, snapshot):
                 p.grad = g
@@ -448,9 +472,11 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         if check:
             # One backward of a weighted sum: a NaN/Inf gradient cannot be traced to an
             # objective, so it is flagged on the combined gradient (one small pass).
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [distributed.local_tensor(p.grad) for p in params if p.grad is not None]
             norms = torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
             combined_bad = (~torch.isfinite(norms).all() | ~torch.isfinite(weights).all()).reshape(1)
+            if sharded:  # each rank checked its shards: refuse on every rank or on none
+                combined_bad = distributed.all_reduce_sum(combined_bad.double(), group) > 0
             flags = torch.cat([nonfinite, combined_bad.to(nonfinite.device)])
             self._pending_nonfinite = (flags, saved_state, generator_state)
         else:
@@ -490,6 +516,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         for g in store.groups:
             part = _ops.gram(g.rows, backend=self.backend).to(device)
             gram = part if gram is None else gram + part
+        if getattr(store, "sharded", False):  # local partial Grams -> the Gram matrix
+            gram = distributed.all_reduce_sum(gram, store.group)
         return gram
 
     def _drop_unshared(
@@ -513,6 +541,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             owner = next(k for k, reached in enumerate(reached_by) if reached[i])
             seg = store.row_segment(i, owner).double()
             correction[owner] += (seg @ seg).to(gram.device)
+        if getattr(store, "sharded", False):
+            correction = distributed.all_reduce_sum(correction, store.group)
         return gram - torch.diag(correction)
 
     @torch.no_grad()
