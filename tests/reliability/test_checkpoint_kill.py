@@ -22,7 +22,9 @@ import torch
 from tests.reliability import _ckpt_writer as writer
 
 NUMEL = 4_000_000  # 16 MB of weights + 4 MB of momentum: a save takes ~0.1 s here
-KILLS = 12
+KILLS = 12  # at least this many kills...
+MIN_MID_SAVE = 4  # ...and more until this many landed inside a save (timing varies with load)
+MAX_KILLS = 60
 
 
 def read_log(log):
@@ -41,7 +43,9 @@ def test_sigkill_during_saves_leaves_the_previous_checkpoint_loadable(tmp_path):
     path, log = tmp_path / "checkpoint.pt", tmp_path / "progress.log"
     rng = random.Random(0)
     mid_save, last = 0, 0
-    for kill in range(KILLS):
+    kills = 0
+    while kills < KILLS or (mid_save < MIN_MID_SAVE and kills < MAX_KILLS):
+        kills += 1
         proc = ctx.Process(target=writer.main, args=(path, NUMEL, log))
         proc.start()
         target = read_log(log)[0] + rng.randint(1, 3)  # let it finish 0-2 saves first
@@ -59,4 +63,4 @@ def test_sigkill_during_saves_leaves_the_previous_checkpoint_loadable(tmp_path):
         assert n in (done, begun) and n >= last, (n, done, begun)
         last = n
     # Most kills must have hit a save in progress (a .tmp left behind) for this to mean much.
-    assert mid_save >= KILLS // 3, f"only {mid_save} of {KILLS} kills landed inside a save"
+    assert mid_save >= MIN_MID_SAVE, f"only {mid_save} of {kills} kills landed inside a save"
