@@ -23,6 +23,15 @@ from torch import Tensor
 __all__ = ["GradientStore", "ParamGroupStore"]
 
 
+def flat_offsets(numels: Sequence[int]) -> tuple[list[int], int]:
+    """Start of each parameter's segment in a flat buffer, and the buffer's length."""
+    offsets, total = [], 0
+    for n in numels:
+        offsets.append(total)
+        total += n
+    return offsets, total
+
+
 class ParamGroupStore:
     """Rows and output buffer for parameters sharing one device and dtype."""
 
@@ -32,12 +41,8 @@ class ParamGroupStore:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.numels = [p.numel() for p in self.params]
-        self.offsets = []
-        total = 0
-        for n in self.numels:
-            self.offsets.append(total)
-            total += n
-        self.numel = total
+        self.offsets, self.numel = flat_offsets(self.numels)
+        total = self.numel
         self.out = torch.zeros(total, device=self.device, dtype=self.dtype)
         self.out_views = self._views(self.out)
         self.rows = torch.empty(0, total, device=self.device, dtype=self.dtype)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._store import GradientStore, ParamGroupStore
+from ._store import GradientStore, ParamGroupStore, flat_offsets
 
 __all__ = [
     "ShardedGradientStore",
@@ -195,12 +195,8 @@ class ShardedParamGroupStore(ParamGroupStore):
         self.device = locals_[0].device
         self.dtype = locals_[0].dtype
         self.numels = [t.numel() for t in locals_]
-        self.offsets = []
-        total = 0
-        for n in self.numels:
-            self.offsets.append(total)
-            total += n
-        self.numel = total
+        self.offsets, self.numel = flat_offsets(self.numels)
+        total = self.numel
         self.out = torch.zeros(total, device=self.device, dtype=self.dtype)
         self.out_views = self._views(self.out)
         self.rows = torch.empty(0, total, device=self.device, dtype=self.dtype)
