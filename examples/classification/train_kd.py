@@ -637,8 +637,28 @@ def atomic_save(obj, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves a
     half-written checkpoint where the resume looks."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        # Durable, not only atomic: without an fsync the rename can reach the disk before the
+        # data, and a power loss or kernel crash then leaves an empty or truncated file under
+        # the checkpoint's name (the previous one gone). A process death (SIGKILL, OOM killer)
+        # needs none of this: the page cache outlives the process.
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    # The rename lives in the folder: fsync it too, or after a power loss the name may still
+    # point at the old file (or at none). POSIX only: Windows cannot open a folder for fsync.
+    if os.name == "posix":
+        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        except OSError as err:  # some filesystems (FUSE, SMB) refuse fsync on folders
+            import errno
+
+            if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
+        finally:
+            os.close(fd)
 
 
 def rng_state() -> dict:

@@ -1,6 +1,6 @@
 """Writer process of tests/reliability/test_checkpoint_kill.py: saves checkpoints in a loop with
-the classification example's ``atomic_save`` (torch.save to ``<name>.tmp``, then os.replace)
-until it is killed.
+the classification example's ``atomic_save`` (torch.save to ``<name>.tmp``, fsync, os.replace,
+fsync of the folder) until it is killed.
 
 Usage: python -m tests.reliability._ckpt_writer PATH NUMEL [LOG]   (or ``main`` in a child
 process). Appends ``begin N`` before and ``done N`` after each save to LOG (stdout if none),

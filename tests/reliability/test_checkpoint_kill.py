@@ -8,13 +8,16 @@ inside a save; after every kill the checkpoint must load (``weights_only=True``)
 one generation's content, be no older than the last save that returned, and a new writer
 must resume from it (over the leftover ``.tmp``) and save again.
 
-This covers process death (SIGKILL, OOM killer, preemption). It does not cover power loss:
-``atomic_save`` does not fsync the file before the rename nor the folder after it (see
-docs/DISTRIBUTED.md's notes).
+This covers process death (SIGKILL, OOM killer, preemption). Power loss and kernel crashes
+cannot be produced in a test; for them ``atomic_save`` fsyncs the file before the rename and
+the folder after it, and ``test_atomic_save_fsyncs_the_file_before_the_rename_and_the_folder_after``
+checks that order.
 """
 
 import multiprocessing as mp
+import os
 import random
+import stat
 import time
 
 import torch
@@ -64,3 +67,32 @@ def test_sigkill_during_saves_leaves_the_previous_checkpoint_loadable(tmp_path):
         last = n
     # Most kills must have hit a save in progress (a .tmp left behind) for this to mean much.
     assert mid_save >= MIN_MID_SAVE, f"only {mid_save} of {kills} kills landed inside a save"
+
+
+def test_atomic_save_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Durability order: data on disk (fsync of the .tmp file), then the rename, then the
+    folder entry on disk (fsync of the folder). Each fsync is identified by the inode of the
+    descriptor it was given."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(st.st_mode) else st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "checkpoint.pt"
+    writer.atomic_save(writer.checkpoint(3, 1000), path)
+    inode = os.stat(path).st_ino  # the renamed .tmp file
+    want = [("fsync", inode), ("replace", inode)]
+    if os.name == "posix":
+        want.append(("fsync", "dir"))
+    assert events == want
+    assert writer.check(torch.load(path, weights_only=True)) == 3
+    assert not path.with_name(path.name + ".tmp").exists()
