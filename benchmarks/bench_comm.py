@@ -17,7 +17,10 @@ Gram and combine passes over the full rows. "alternative" reduce-scatters row by
 reduce-scatter), then the Gram pass on the shards, the K x K all-reduce, the combine on the
 shards and the all-gather.
 
-    python -m tests.reliability.bench_comm --world 2 --numel 262144,1048576,4194304 --k 2,3,4
+    python benchmarks/bench_comm.py --world 2 --numel 262144,1048576,4194304 --k 2,3,4 --repeat 20
+
+It starts ``--world`` processes of itself (gloo, one CPU thread each, file:// rendezvous in a
+temporary folder); rank 0 prints one line per (N, K) and writes ``--csv`` if given.
 """
 
 from __future__ import annotations
@@ -115,14 +118,15 @@ def worker(rank, world, init, numels, ks, repeat, out_path):
             rows = torch.randn(k, numel)
             shard = torch.empty(k, numel // world)
             out = torch.empty(numel)
+            alt = partial(alternative, rows, shard, out, k, method, group)
             variants = {
                 "ddp_step": partial(ddp_step, flat, group),
                 "current": partial(current, store, k, method, group, False),
-                "alternative": partial(alternative, rows, shard, out, k, method, group, False),
+                "alternative": partial(alt, False),
                 "current_comm": partial(current, store, k, method, group, True),
-                "alternative_comm": partial(alternative, rows, shard, out, k, method, group, True),
-                "alt_list_comm": partial(alternative, rows, shard, out, k, method, group, True, "list"),
-                "alt_staged_comm": partial(alternative, rows, shard, out, k, method, group, True, "staged"),
+                "alternative_comm": partial(alt, True),
+                "alt_list_comm": partial(alt, True, "list"),
+                "alt_staged_comm": partial(alt, True, "staged"),
             }
             times = {name: [] for name in variants}
             for it in range(repeat + 3):
@@ -136,8 +140,8 @@ def worker(rank, world, init, numels, ks, repeat, out_path):
             med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
             if rank == 0:
                 rows_out.append((numel, k, med))
-                print(f"N={numel:>9} K={k}  " + "  ".join(f"{n} {v:8.2f} ms" for n, v in med.items()),
-                      flush=True)
+                cells = "  ".join(f"{n} {v:8.2f} ms" for n, v in med.items())
+                print(f"N={numel:>9} K={k}  {cells}", flush=True)
     if rank == 0 and out_path:
         with open(out_path, "w") as f:
             f.write("numel,k," + ",".join(rows_out[0][2]) + "\n")
@@ -149,7 +153,9 @@ def worker(rank, world, init, numels, ks, repeat, out_path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--numel", default="262144,1048576,4194304")
     parser.add_argument("--k", default="2,3,4")
@@ -167,7 +173,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/rendezvous"
         procs = [
-            subprocess.Popen([sys.executable, "-m", "tests.reliability.bench_comm", "--world", str(args.world),
+            subprocess.Popen([sys.executable, os.path.abspath(__file__), "--world", str(args.world),
                               "--numel", args.numel, "--k", args.k, "--repeat", str(args.repeat),
                               "--csv", args.csv, "--rank", str(r), "--init", init])
             for r in range(args.world)
