@@ -22,7 +22,7 @@ GRAM_PARAMS = ("shared", "all")
 _STATE_KEY = "gradbal"
 
 
-class _ReachRecorder:
+class _ReachRecorder(distributed.ReachRecorder):
     """Tensor hooks that record which parameters each objective's backward reaches.
 
     Hooks stay registered for the optimizer's lifetime and do nothing outside
@@ -30,22 +30,7 @@ class _ReachRecorder:
     autograd densifies them into the store.
     """
 
-    def __init__(self) -> None:
-        self.active = False
-        self.reached: list[bool] = []
-        self.handles: list[Any] = []
-
-    def attach(self, params: Sequence[Tensor]) -> None:
-        self.detach()
-        for i, p in enumerate(params):
-            self.handles.append(p.register_hook(self._hook_for(i)))
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _hook_for(self, index: int) -> Callable[[Tensor], None]:
+    def _register(self, param: Tensor, index: int) -> Any:
         def hook(grad: Tensor | None) -> None:
             if not self.active or grad is None:  # DDP may call hooks with no gradient
                 return
@@ -57,14 +42,7 @@ class _ReachRecorder:
                 )
             self.reached[index] = True
 
-        return hook
-
-    def begin(self, num_params: int) -> None:
-        self.reached = [False] * num_params
-        self.active = True
-
-    def end(self) -> None:
-        self.active = False
+        return param.register_hook(hook)
 
 
 class MultiObjectiveOptimizer(torch.optim.Optimizer):

@@ -40,6 +40,7 @@ from torch import Tensor
 from ._store import GradientStore, ParamGroupStore, flat_offsets
 
 __all__ = [
+    "ReachRecorder",
     "ShardedGradientStore",
     "ShardedParamGroupStore",
     "ShardedReachRecorder",
@@ -252,13 +253,13 @@ class ShardedGradientStore(GradientStore):
         return True
 
 
-class ShardedReachRecorder:
-    """Records which parameters each objective's backward reached, for ``fully_shard`` models.
+class ReachRecorder:
+    """Base of the optimizer's reach recorders: which parameters an objective's backward reached.
 
-    FSDP's sharded parameters are not in the autograd graph (their unsharded copies are), so
-    tensor hooks never fire on them; FSDP calls their post-accumulate-grad hooks after each
-    reduce-scatter instead. The flags are the same on every rank (the reduce-scatter is
-    collective), so they need no all-reduce. Same interface as the optimizer's recorder.
+    One hook per parameter, registered by :meth:`attach` (subclasses say which kind, in
+    :meth:`_register`) and kept for the optimizer's lifetime; the hooks record only between
+    :meth:`begin` and :meth:`end` (one objective's backward), into ``reached``. It lives here
+    rather than in ``gradbal._optimizer``, which imports this module.
     """
 
     def __init__(self) -> None:
@@ -266,22 +267,19 @@ class ShardedReachRecorder:
         self.reached: list[bool] = []
         self.handles: list[Any] = []
 
+    def _register(self, param: Tensor, index: int) -> Any:
+        """Register the hook that marks parameter ``index`` reached; return its handle."""
+        raise NotImplementedError
+
     def attach(self, params) -> None:
         self.detach()
         for i, p in enumerate(params):
-            self.handles.append(p.register_post_accumulate_grad_hook(self._hook_for(i)))
+            self.handles.append(self._register(p, i))
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-    def _hook_for(self, index: int):
-        def hook(param) -> None:
-            if self.active:
-                self.reached[index] = True
-
-        return hook
 
     def begin(self, num_params: int) -> None:
         self.reached = [False] * num_params
@@ -289,6 +287,23 @@ class ShardedReachRecorder:
 
     def end(self) -> None:
         self.active = False
+
+
+class ShardedReachRecorder(ReachRecorder):
+    """Records which parameters each objective's backward reached, for ``fully_shard`` models.
+
+    FSDP's sharded parameters are not in the autograd graph (their unsharded copies are), so
+    tensor hooks never fire on them; FSDP calls their post-accumulate-grad hooks after each
+    reduce-scatter instead. The flags are the same on every rank (the reduce-scatter is
+    collective), so they need no all-reduce.
+    """
+
+    def _register(self, param: Tensor, index: int) -> Any:
+        def hook(param) -> None:
+            if self.active:
+                self.reached[index] = True
+
+        return param.register_post_accumulate_grad_hook(hook)
 
 
 def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
