@@ -7,23 +7,27 @@
   same module names, so their released teacher checkpoints load (the fixed ``AvgPool2d(8)`` /
   ``AvgPool2d(7)`` are ``AdaptiveAvgPool2d(1)`` here: the same on 32x32 / 224x224 inputs, no
   parameters, and any input size works).
-* DeiT / RegNetY-160 (DTO-KD's pair) come from timm when it is installed.
+* DeiT / RegNetY-160 (DTO-KD's pair), and any other model name timm knows (``regnety_002``
+  stands in for RegNetY-160 in the tests), come from timm 1.0 with random weights
+  (``timm.create_model(name, pretrained=False, ...)``); ViTs are built for the run's image size.
 * ``cnn<W>``: a small CNN of width W for the digits recipe and the tests; ``cnn<W>gn`` the same
   with GroupNorm (per-sample, so exact under data parallelism).
 
-``build_model(name, num_classes, in_channels)``; ``MODELS`` lists the names; ``FEATURES[name]``
-gives the module names of each model's stages for feature distillation (``FeatureCapture``).
+``build_model(name, num_classes, in_channels)``; ``MODELS`` lists the names; ``feature_stage``
+gives the module name of a model's last stage for feature distillation (``FeatureCapture``):
+``FEATURES[name]`` for the registered models, timm's ``feature_info`` for the others.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FEATURES", "MODELS", "build_model"]
+__all__ = ["FEATURES", "MODELS", "build_model", "feature_stage", "is_timm"]
 
 
 # ----------------------------------------------------------------------------- CIFAR ResNets
@@ -239,21 +243,57 @@ def _torchvision(name: str):
     return build
 
 
+def _import_timm(name: str):
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            f"model {name!r} comes from timm, which is not installed: pip install timm "
+            "(or pip install 'gradbal[examples]')"
+        ) from None
+    return timm
+
+
+def timm_kwargs(name: str, image_size: int | None) -> dict:
+    """``img_size`` for the timm models whose shapes depend on it (ViTs: the position
+    embedding has one entry per patch), so DeiT runs at any ``--image-size`` (32x32 in the
+    tests). CNNs such as RegNet take any size and do not accept the argument."""
+    timm = _import_timm(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if image_size is None or cfg is None or not cfg.fixed_input_size:
+        return {}
+    return {"img_size": image_size}
+
+
 def _timm(name: str):
-    def build(num_classes: int, in_channels: int, drop_path: float = 0.0) -> nn.Module:
-        try:
-            import timm
-        except ImportError:
-            raise ValueError(
-                f"model {name!r} comes from timm, which is not installed: pip install timm"
-            ) from None
+    def build(
+        num_classes: int, in_channels: int, drop_path: float = 0.0, image_size: int | None = None
+    ) -> nn.Module:
+        timm = _import_timm(name)
+        # pretrained=False: building a model never downloads (--teacher-pretrained asks for it)
         return timm.create_model(
             name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-            drop_path_rate=drop_path,
+            drop_path_rate=drop_path, **timm_kwargs(name, image_size),
         )  # fmt: skip
 
     build.timm = True
     return build
+
+
+def _timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return timm.list_models()
+
+
+def _timm_knows(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(name)
 
 
 _BUILDERS = {
@@ -269,7 +309,11 @@ _BUILDERS = {
     "deit_tiny_patch16_224": _timm("deit_tiny_patch16_224"),
     "deit_small_patch16_224": _timm("deit_small_patch16_224"),
 }
-MODELS = sorted(_BUILDERS) + ["cnn<W> (e.g. cnn4, cnn32)", "cnn<W>gn (GroupNorm)"]
+MODELS = sorted(_BUILDERS) + [
+    "cnn<W> (e.g. cnn4, cnn32)",
+    "cnn<W>gn (GroupNorm)",
+    "any other timm model name",
+]
 
 #: Last-stage module names for feature distillation (``--features``).
 FEATURES = {
@@ -291,22 +335,62 @@ FEATURES = {
 _CNN = re.compile(r"cnn(\d+)(gn)?")
 
 
+def _builder(name: str):
+    """The registered builder, a timm builder for any other name timm knows, or None."""
+    if name in _BUILDERS:
+        return _BUILDERS[name]
+    if _CNN.fullmatch(name) is None and _timm_knows(name):
+        return _timm(name)
+    return None
+
+
+def is_timm(name: str) -> bool:
+    return getattr(_builder(name), "timm", False)
+
+
 def build_model(
-    name: str, num_classes: int, in_channels: int = 3, drop_path: float = 0.0
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    drop_path: float = 0.0,
+    image_size: int | None = None,
 ) -> nn.Module:
-    """``drop_path`` (stochastic depth) applies to the timm models only."""
+    """A model with random weights (never downloads).
+
+    ``name``: a registered name (``MODELS``), ``cnn<W>[gn]``, or any timm model name (e.g.
+    ``regnety_002``, a small stand-in for RegNetY-160 in the tests). ``drop_path``
+    (stochastic depth) applies to the timm models only; ``image_size`` reaches the timm
+    models that need it (ViTs, see :func:`timm_kwargs`) and is ignored by the others.
+    """
     m = _CNN.fullmatch(name)
-    if m is None and name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-    timm_model = m is None and getattr(_BUILDERS[name], "timm", False)
+    build = None if m else _builder(name)
+    if m is None and build is None:
+        close = difflib.get_close_matches(name, [*_BUILDERS, *_timm_names()], n=3, cutoff=0.8)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; choose from {MODELS}")
+    timm_model = getattr(build, "timm", False)
     if drop_path and not timm_model:
         raise ValueError(f"drop path (stochastic depth) applies to timm models, not {name!r}")
     if m:
         return SmallCNN(int(m.group(1)), num_classes, in_channels, m.group(2) or "bn")
     if timm_model:
-        return _BUILDERS[name](num_classes, in_channels, drop_path)
-    return _BUILDERS[name](num_classes, in_channels)
+        return build(num_classes, in_channels, drop_path, image_size)
+    return build(num_classes, in_channels)
 
 
-def feature_stage(name: str) -> str:
-    return FEATURES["cnn" if _CNN.fullmatch(name) else name]
+def feature_stage(name: str, model: nn.Module | None = None) -> str:
+    """The module whose output is distilled (``--features``): the last stage.
+
+    Registered models name it in ``FEATURES``; any other timm model reports its stages in
+    ``feature_info`` (``s4`` for RegNets, ``blocks.<depth-1>`` for ViTs), read off ``model``.
+    """
+    key = "cnn" if _CNN.fullmatch(name) else name
+    if key in FEATURES:
+        return FEATURES[key]
+    info = getattr(model, "feature_info", None)
+    if info:
+        return info[-1]["module"]
+    raise ValueError(
+        f"no feature stage known for {name!r}: add its last stage's module name to "
+        "FEATURES in examples/classification/models.py, or run with --features false"
+    )

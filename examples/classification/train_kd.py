@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import MODELS, build_model, feature_stage
+from models import MODELS, build_model, feature_stage, timm_kwargs
 
 import gradbal
 
@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher-ckpt", help="local teacher checkpoint (state dict, or a dict with 'model')")
     a(
         "--teacher-pretrained",
-        help="named pretrained teacher weights (torchvision enum name, "
-        "e.g. IMAGENET1K_V1, or 'timm'): downloads, only when asked",
+        help="named pretrained teacher weights: a torchvision enum name (IMAGENET1K_V1), "
+        "'timm' (timm's default) or 'timm:TAG' (DeiT's RegNetY-160: timm:deit_in1k); the only "
+        "download, and only when asked",
     )
     a("--teacher-dtype", choices=["bf16", "fp16"], help="run the frozen teacher in 16 bits")
     a("--method", help=f"a gradbal method ({', '.join(gradbal.available_methods())}) or scratch")
@@ -263,6 +264,11 @@ def resolve_config(argv=None) -> dict:
             raise ConfigError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
         cfg.update(RECIPES[recipe])
     cfg.update(given)
+    # Where this run departs from the published protocol: {key: [recipe value, this run's]},
+    # saved in config.json next to the results.
+    cfg["recipe_overrides"] = {
+        k: [v, cfg[k]] for k, v in RECIPES.get(recipe, {}).items() if cfg[k] != v
+    }
     for key in ("dataset", "teacher", "student"):
         if cfg[key] is None:
             raise ConfigError(f"no {key}: pass --recipe or --{key}")
@@ -554,11 +560,13 @@ def _unwrap_state_dict(obj) -> dict:
 
 
 def load_teacher(cfg: dict, num_classes: int, in_channels: int) -> nn.Module:
+    """The teacher's weights from a local file (``--teacher-ckpt``), or named pretrained ones
+    (``--teacher-pretrained``, the only download, and only when asked)."""
     arch = cfg["teacher"]
     if cfg["teacher_ckpt"] and cfg["teacher_pretrained"]:
         raise ConfigError("pass either --teacher-ckpt or --teacher-pretrained, not both")
     if cfg["teacher_pretrained"]:
-        return _pretrained_teacher(arch, cfg["teacher_pretrained"], num_classes)
+        return _pretrained_teacher(arch, cfg["teacher_pretrained"], num_classes, cfg["image_size"])
     if not cfg["teacher_ckpt"]:
         raise ConfigError(
             "distillation needs a teacher: --teacher-ckpt PATH (a local file; nothing is "
@@ -568,7 +576,7 @@ def load_teacher(cfg: dict, num_classes: int, in_channels: int) -> nn.Module:
     if not path.is_file():
         raise ConfigError(f"--teacher-ckpt {str(path)!r} does not exist")
     try:
-        model = build_model(arch, num_classes, in_channels)
+        model = build_model(arch, num_classes, in_channels, image_size=cfg["image_size"])
     except ValueError as e:
         raise ConfigError(f"--teacher {arch!r}: {e}") from None
     state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -591,15 +599,59 @@ def load_teacher(cfg: dict, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
-def _pretrained_teacher(arch: str, name: str, num_classes: int) -> nn.Module:
-    if name == "timm":
-        import timm
+def _pretrained_teacher(arch: str, name: str, num_classes: int, image_size: int) -> nn.Module:
+    """Named pretrained weights, downloaded by timm or torchvision.
 
-        return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+    ``timm`` loads timm's default weights for ``arch``, ``timm:TAG`` a tagged set: the DeiT
+    recipes' teacher is ``--teacher regnety_160 --teacher-pretrained timm:deit_in1k`` (DeiT's
+    own RegNetY-160, 82.6%; timm's default for regnety_160 is another, ImageNet-12k-pretrained
+    one). Any other NAME is a torchvision weights enum member (``IMAGENET1K_V1``). The class
+    count is checked before anything is downloaded: a 1000-class head cannot teach a data set
+    with another number of classes (timm would silently swap in a random head).
+    """
+    if name == "timm" or name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"--teacher-pretrained {name}: timm is not installed") from None
+        tag = name.partition(":")[2]
+        if not timm.is_model(arch):
+            raise ConfigError(f"--teacher-pretrained {name}: timm has no model {arch!r}")
+        try:
+            pretrained = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+        except RuntimeError:
+            pretrained = None
+        if pretrained is None or not (pretrained.hf_hub_id or pretrained.url):
+            raise ConfigError(
+                f"--teacher-pretrained {name}: timm has no such weights for {arch!r}; it has "
+                f"{timm.list_pretrained(arch + '.*')} (pass the part after the dot as timm:TAG)"
+            )
+        _check_pretrained_classes(name, pretrained.num_classes, num_classes)
+        return timm.create_model(
+            f"{arch}.{pretrained.tag}" if pretrained.tag else arch,
+            pretrained=True,
+            **timm_kwargs(arch, image_size),
+        )
     import torchvision
 
-    weights = torchvision.models.get_model_weights(arch)[name]
+    try:
+        weights = torchvision.models.get_model_weights(arch)[name]
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"--teacher-pretrained {name}: not a torchvision weights name for {arch!r} "
+            "(e.g. IMAGENET1K_V1; 'timm' or 'timm:TAG' for timm's weights)"
+        ) from None
+    _check_pretrained_classes(name, len(weights.meta["categories"]), num_classes)
     return torchvision.models.get_model(arch, weights=weights)
+
+
+def _check_pretrained_classes(name: str, pretrained: int, data: int) -> None:
+    if pretrained != data:
+        raise ConfigError(
+            f"--teacher-pretrained {name}: those weights predict {pretrained} classes, the data "
+            f"has {data}; use a data set with the same classes, or train a teacher on this one "
+            "(--method scratch) and pass it with --teacher-ckpt"
+        )
 
 
 # ----------------------------------------------------------------------------- features
@@ -613,14 +665,27 @@ def to_map(z: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
 
 
 class FeaturePair:
-    """Student and teacher features of one stage each, made comparable for the projector."""
+    """Student and teacher features of one stage each, made comparable for the projector.
+
+    The stages are the models' last ones (``feature_stage``: ``blocks.11`` of a DeiT, ``s4`` of
+    a RegNet). Two feature maps, or two token sequences, go to the projector as they are (it
+    resizes a student map to the teacher's size); ViT tokens paired with a CNN map become a
+    map first (:func:`to_map`), so the DeiT recipes compare the student's patch grid with the
+    RegNet teacher's last map.
+    """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: dict) -> None:
-        self.s_name, self.t_name = feature_stage(cfg["student"]), feature_stage(cfg["teacher"])
+        # names and token counts are the wrapped model's (FrozenTeacher keeps it in .module)
+        inner = teacher.module if isinstance(teacher, gradbal.FrozenTeacher) else teacher
+        try:
+            self.s_name = feature_stage(cfg["student"], student)
+            self.t_name = feature_stage(cfg["teacher"], inner)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.student = gradbal.FeatureCapture(student, [self.s_name])
         self.teacher = gradbal.FeatureCapture(teacher, [self.t_name])
         self.s_prefix = getattr(student, "num_prefix_tokens", 0)
-        self.t_prefix = getattr(teacher, "num_prefix_tokens", 0)
+        self.t_prefix = getattr(inner, "num_prefix_tokens", 0)
 
     def pop(self):
         zs = self.student.pop()[self.s_name]
@@ -751,7 +816,9 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
     distill = method != "scratch"
 
     try:
-        student = build_model(cfg["student"], num_classes, in_ch, drop_path=cfg["drop_path"])
+        student = build_model(
+            cfg["student"], num_classes, in_ch, cfg["drop_path"], image_size=cfg["image_size"]
+        )
     except ValueError as e:
         raise ConfigError(f"--student {cfg['student']!r}: {e}") from None
     student = student.to(device)
@@ -903,10 +970,14 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         "device": str(device),
         "torch": torch.__version__,
         "gradbal": gradbal.__version__,
+        "timm": _version("timm"),
         "objectives": ["ce", "kd", "feature"][: (3 if projector else 2)] if distill else ["ce"],
     }
     writer, diag_file, diag_writer = None, None, None
     if is_main:
+        if cfg["recipe_overrides"]:
+            changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in cfg["recipe_overrides"].items())
+            print(f"recipe {cfg['recipe']} with overrides: {changed}")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_info, indent=1, default=str))
         if cfg["tensorboard"]:
@@ -939,9 +1010,11 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
     after_step = distill and opt.method.uses_losses_after_step
 
     def objectives(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """[CE, KD(, feature)] of one batch."""
+        """[CE, KD(, feature)] of one batch; [CE] alone for scratch."""
         with amp_ctx():
             logits = net(x)
+            if not distill:
+                return [cross_entropy(logits, y)]
             t_logits = teacher(x)
             losses = [
                 cross_entropy(logits, y),
@@ -950,6 +1023,43 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
             if projector is not None:
                 losses.append(projector(*pair.pop()))
         return losses
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on one batch, for every --method (scratch, sum or a balancing
+        method); returns the step's loss values (detached, float64), as logged."""
+        # Distillation: K backward passes inside no_sync, or DDP's own all-reduce would fire
+        # K times and mix the objectives; the optimizer averages each objective instead.
+        # Scratch: one ordinary backward, which DDP averages.
+        sync_ctx = model.no_sync() if distill and world > 1 else nullcontext()
+        with sync_ctx:
+            losses = objectives(model, x, y)
+            if fixed_weights:
+                losses = [w * loss for w, loss in zip(weights, losses)]
+            if loss_based and world > 1:
+                losses = with_global_values(losses, world)
+            opt.zero_grad(set_to_none=True)
+            if distill:
+                opt.backward(losses, scaler=scaler if scaler.is_enabled() else None)
+            else:
+                scaler.scale(losses[0]).backward()
+        if loss_based and world > 1:
+            all_reduce_mean_grads(params, world)
+        if scaler.is_enabled():
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if after_step:
+            # FAMO's published rule: the same batch's losses with the new parameters
+            # (the model stays in train mode, as in FAMO's code); averaged over
+            # processes so every process updates its weights alike.
+            with torch.no_grad():
+                after = torch.stack([v.float() for v in objectives(student, x, y)])
+            if world > 1:
+                dist.all_reduce(after)
+                after /= world
+            opt.update_after_step(after)
+        return torch.stack([loss.detach().double() for loss in losses])
 
     step = start_epoch * len(train_loader)
     stopped_early = False
@@ -961,58 +1071,20 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         student.train()
         t0 = time.time()
         epoch_lr = base.param_groups[0]["lr"]
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # CE, KD, feature; steps
         bar = _progress(len(train_loader), f"epoch {epoch + 1}/{cfg['epochs']}", is_main, cfg)
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mix is not None:
                 x, y = mix(x, y)
-            if not distill:
-                with amp_ctx():
-                    loss = cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sums[0] += loss.detach().double()
-                sums[3] += 1
-            else:
-                # K backward passes inside no_sync: DDP's own all-reduce would fire K times
-                # and mix the objectives; the optimizer averages each objective instead.
-                sync_ctx = model.no_sync() if world > 1 else nullcontext()
-                with sync_ctx:
-                    losses = objectives(model, x, y)
-                    if fixed_weights:
-                        losses = [w * loss for w, loss in zip(weights, losses)]
-                    if loss_based and world > 1:
-                        losses = with_global_values(losses, world)
-                    opt.zero_grad(set_to_none=True)
-                    opt.backward(losses, scaler=scaler if scaler.is_enabled() else None)
-                if loss_based and world > 1:
-                    all_reduce_mean_grads(params, world)
-                if scaler.is_enabled():
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                if after_step:
-                    # FAMO's published rule: the same batch's losses with the new parameters
-                    # (the model stays in train mode, as in FAMO's code); averaged over
-                    # processes so every process updates its weights alike.
-                    with torch.no_grad():
-                        after = torch.stack([v.float() for v in objectives(student, x, y)])
-                    if world > 1:
-                        dist.all_reduce(after)
-                        after /= world
-                    opt.update_after_step(after)
-                vals = torch.stack([loss.detach().double() for loss in losses])
-                sums[: len(vals)] += vals
-                sums[3] += 1
-                if is_main and step % cfg["log_every"] == 0:
-                    diag_file, diag_writer = _log_diagnostics(
-                        out_dir, diag_file, diag_writer, writer, opt.last_stats, step, epoch,
-                        base.param_groups[0]["lr"],
-                    )  # fmt: skip
+            vals = train_step(x, y)
+            sums[: len(vals)] += vals
+            sums[3] += 1
+            if distill and is_main and step % cfg["log_every"] == 0:
+                diag_file, diag_writer = _log_diagnostics(
+                    out_dir, diag_file, diag_writer, writer, opt.last_stats, step, epoch,
+                    base.param_groups[0]["lr"],
+                )  # fmt: skip
             step += 1
             if bar is not None:
                 bar.update()
@@ -1079,6 +1151,16 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         "output_dir": str(out_dir),
         "student": student,
     }
+
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package`` (for config.json), None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _progress(total: int, desc: str, is_main: bool, cfg: dict):

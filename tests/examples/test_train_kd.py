@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm  # a dev dependency: the DeiT recipes' timm path is tested, never skipped
 import torch
+
+import gradbal
 
 pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
@@ -289,3 +292,150 @@ def test_recipes_resolve_and_flags_override(tk):
     for name in tk.RECIPES:
         cfg = tk.resolve_config(["--recipe", name, "--data-path", "/x"])
         assert cfg["teacher"] and cfg["student"]
+
+
+# ----------------------------------------------------------------------------- timm (DeiT recipes)
+@pytest.fixture
+def one_thread():
+    """timm's models on a loaded 2-core machine: two threads competing with other jobs run
+    about 10x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def timm_calls(monkeypatch):
+    """Every ``timm.create_model`` call as (name, pretrained, kwargs): nothing may download."""
+    calls, real = [], timm.create_model
+
+    def spy(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained, kwargs))
+        return real(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def regnet_teacher(tmp_path_factory):
+    """A small RegNetY (regnety_002, 2.8M parameters) standing in for RegNetY-160, saved from
+    plain timm the way the README saves the real teacher."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "regnety_002.pth"
+    torch.save(timm.create_model("regnety_002", pretrained=False, num_classes=3).state_dict(), path)
+    return path
+
+
+def deit_args(data, teacher_ckpt, out, *extra):
+    """The DeiT-Ti recipe, made tiny by overrides: a small RegNetY teacher, 32x32 images, one
+    epoch of 4 batches of 6."""
+    return [
+        "--recipe", "imagenet_regnety160_deit_tiny", "--data-path", str(data),
+        "--teacher", "regnety_002", "--teacher-ckpt", str(teacher_ckpt), "--image-size", "32",
+        "--batch-size", "6", "--epochs", "1", "--workers", "0", "--log-every", "1",
+        "--progress", "false", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["mokd", "sum"])
+def test_deit_recipe_through_timm(
+    tk, data, regnet_teacher, tmp_path, method, one_thread, timm_calls
+):
+    """One epoch of the RegNetY-160 -> DeiT-Ti recipe path with timm models: DeiT tokens
+    against RegNet feature maps through the projector, the recipe's AdamW, DeiT augmentation,
+    mixup/cutmix, repeated augmentation and drop path."""
+    out = tmp_path / method
+    result = tk.main(deit_args(data, regnet_teacher, out, "--method", method))
+    assert result["finished"]
+
+    # timm built both models with random weights (the teacher's came from the file)
+    assert sorted(name for name, _, _ in timm_calls) == ["deit_tiny_patch16_224", "regnety_002"]
+    assert not any(pretrained for _, pretrained, _ in timm_calls)
+    student = result["student"]
+    assert isinstance(student, timm.models.VisionTransformer)
+    assert student.pos_embed.shape[1] == 1 + (32 // 16) ** 2  # built for 32x32: 4 patches + CLS
+    assert student.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # the recipe's
+
+    config = json.loads((out / "config.json").read_text())
+    recipe = tk.RECIPES["imagenet_regnety160_deit_tiny"]
+    for key in ("student", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs",
+                "augment", "mixup", "cutmix", "label_smoothing", "repeated_aug", "drop_path",
+                "features"):  # fmt: skip
+        assert config[key] == recipe[key], key
+    assert (config["optimizer"], config["lr"], config["weight_decay"]) == ("adamw", 1e-3, 0.05)
+    assert config["recipe_overrides"] == {
+        "teacher": ["regnety_160", "regnety_002"],
+        "epochs": [300, 1],
+        "batch_size": [1024, 6],
+        "image_size": [224, 32],
+    }
+    assert config["method"] == method and config["effective_batch"] == 6
+    assert config["objectives"] == ["ce", "kd", "feature"]
+    assert config["timm"] == timm.__version__
+
+    (row,) = read_csv(out / "metrics.csv")
+    assert row["epoch"] == "1"
+    for key in ("loss_ce", "loss_kd", "loss_feature"):
+        assert math.isfinite(float(row[key])), key
+    assert float(row["lr"]) == pytest.approx(1e-6)  # the first of 5 warm-up epochs (DeiT)
+    diag = read_csv(out / "diagnostics.csv")
+    assert len(diag) == 4  # 24 images / batch 6, repeated augmentation keeps the length
+    weights = as_floats(diag, "weight_")
+    assert weights.shape == (4, 3) and torch.isfinite(weights).all()
+    if method == "sum":  # the recipe's fixed weights are applied to the losses
+        assert (weights == 1.0).all()
+    else:
+        assert (weights != 1.0).any()
+
+    # the shipped student is a plain timm DeiT: it loads into one built by timm alone
+    plain = timm.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32)
+    plain.load_state_dict(torch.load(out / "student_final.pth", weights_only=True))
+
+
+def test_timm_feature_stages(tk):
+    """The projector's inputs on the DeiT path: DeiT's last block (tokens, CLS dropped, as a
+    patch grid) against the RegNet's last stage (a map), the stage names read from timm."""
+    torch.manual_seed(0)
+    student = tk.build_model("deit_tiny_patch16_224", 3, image_size=32)
+    teacher = gradbal.FrozenTeacher(tk.build_model("regnety_002", 3))
+    assert tk.feature_stage("deit_tiny_patch16_224", student) == "blocks.11"
+    assert tk.feature_stage("regnety_002", teacher.module) == "s4"  # from timm's feature_info
+    assert tk.feature_stage("regnety_160") == "s4"
+    cfg = {"student": "deit_tiny_patch16_224", "teacher": "regnety_002"}
+    pair = tk.FeaturePair(student, teacher, cfg)
+    x = torch.randn(2, 3, 32, 32)
+    student(x)
+    teacher(x)
+    zs, zt = pair.pop()
+    assert zs.shape == (2, 192, 2, 2) and zt.shape == (2, 368, 1, 1)
+    proj = gradbal.SubspaceProjector.from_features(zs, zt)
+    assert torch.isfinite(proj(zs, zt))
+
+
+def test_timm_teacher_errors(tk, data, regnet_teacher, tmp_path, one_thread, timm_calls):
+    """On the timm path: a teacher checkpoint of the wrong architecture is refused before any
+    training, and a named pretrained teacher is checked before anything downloads."""
+    args = deit_args(data, regnet_teacher, tmp_path / "e", "--method", "sum")
+
+    def expect(extra, match, base=args):
+        with pytest.raises(tk.ConfigError, match=match):
+            tk.main(base + extra)
+
+    wrong = tmp_path / "regnety_004.pth"
+    torch.save(timm.create_model("regnety_004", num_classes=3).state_dict(), wrong)
+    expect(["--teacher-ckpt", str(wrong)],
+           r"does not fit architecture 'regnety_002' with 3 classes: .* [1-9]\d* shape mismatches "
+           r".*Check --teacher and the checkpoint")  # fmt: skip
+    deit = tmp_path / "deit.pth"
+    torch.save(tk.build_model("deit_tiny_patch16_224", 3, image_size=32).state_dict(), deit)
+    expect(["--teacher-ckpt", str(deit)], r"does not fit architecture 'regnety_002'.* missing")
+    assert not (tmp_path / "e" / "metrics.csv").exists()
+
+    no_ckpt = [a for a in args if a not in ("--teacher-ckpt", str(regnet_teacher))]
+    expect(["--teacher-pretrained", "timm"], "predict 1000 classes, the data has 3", no_ckpt)
+    expect(["--teacher-pretrained", "timm:nope"], r"no such weights.*regnety_002\.pycls_in1k",
+           no_ckpt)  # fmt: skip
+    expect(["--teacher", "regnety_02"], r"unknown model 'regnety_02'; did you mean .*regnety_002")
+    assert not any(pretrained for _, pretrained, _ in timm_calls)  # nothing was downloaded
