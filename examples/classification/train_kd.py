@@ -13,6 +13,10 @@ a published protocol (sources next to each entry of RECIPES); any flag overrides
     # 8 GPUs on one machine (the batch size is the total, split across processes)
     torchrun --nproc_per_node 8 examples/classification/train_kd.py --recipe imagenet_r34_r18 \\
         --method mokd --data-path /data/imagenet --teacher-ckpt resnet34.pth --amp bf16
+    # DeiT-Ti from DeiT's RegNetY-160 through timm (teacher saved from regnety_160.deit_in1k)
+    torchrun --nproc_per_node 8 examples/classification/train_kd.py \\
+        --recipe imagenet_regnety160_deit_tiny --method mokd --data-path /data/imagenet \\
+        --teacher-ckpt regnety_160_deit.pth --amp bf16
     # resume after an interruption (atomic checkpoints; continues as if it never stopped)
     ... same command ... --resume
 
