@@ -96,6 +96,25 @@ def test_one_epoch(tk, data, teacher_ckpt, tmp_path, method, features):
     assert set(final) == set(tk.build_model("cnn4", 3, 3).state_dict())
 
 
+def test_scratch_trains_a_teacher(tk, data, teacher_ckpt, tmp_path):
+    """--method scratch (the same train_step, CE alone, the plain optimizer): no teacher is
+    needed, no KD column or diagnostics are written, and its student is a usable teacher."""
+    out = tmp_path / "scratch"
+    args = [
+        a
+        for a in base_args(data, teacher_ckpt, out)
+        if a not in ("--teacher-ckpt", str(teacher_ckpt))
+    ]
+    result = tk.main(args + ["--method", "scratch", "--student", "cnn8", "--epochs", "2"])
+    assert result["finished"] and result["teacher_top1"] is None
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == 2 and rows[0]["loss_kd"] == "" and math.isfinite(float(rows[1]["loss_ce"]))
+    assert not (out / "diagnostics.csv").exists()
+    assert json.loads((out / "config.json").read_text())["objectives"] == ["ce"]
+    kd = tk.main(base_args(data, out / "student_final.pth", tmp_path / "kd", "--epochs", "1"))
+    assert kd["finished"] and kd["teacher_top1"] == result["history"][-1]["top1"]
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_one_epoch(tk, data, teacher_ckpt, tmp_path, amp):
     out = tmp_path / amp
