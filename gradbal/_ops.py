@@ -1,14 +1,18 @@
-"""The two passes over the gradient store: ``gram`` and ``combine``.
+"""The passes over the gradient store: ``gram``, ``combine`` and GradDrop's ``graddrop``.
 
 Memory traffic per balanced step (K task rows of N elements, s bytes each): ``gram`` reads
 K*N*s bytes, ``combine`` reads K*N*s and writes N*s; the floor is (2K + 1) N s bytes.
-Between the two passes only K x K work runs (:mod:`gradbal.methods`).
+Between the two passes only K x K work runs (:mod:`gradbal.methods`). ``graddrop`` takes the
+place of ``combine`` for GradDrop: it reads the rows and N uniforms and writes N*s.
 
 This module is the seam where the fused Triton kernels (``gradbal.kernels``) plug in. The
 backend is chosen per call: ``"torch"`` (chunked matmul / matrix-vector product, any
 device), ``"triton"`` (CUDA tensors, when ``gradbal.kernels`` provides the ops), or
 ``"auto"`` (default: Triton for CUDA tensors when available, torch otherwise). The
-environment variable ``GRADBAL_BACKEND`` overrides ``"auto"``.
+environment variable ``GRADBAL_BACKEND`` overrides ``"auto"``. ``"auto"`` keeps float64 rows
+on torch (the kernels read fp32/bf16/fp16). A Triton failure under ``"auto"`` (a GPU the
+kernels cannot compile for) warns once and switches this process to torch; under an explicit
+``"triton"`` it raises.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["combine", "gram", "resolve_backend"]
+__all__ = ["combine", "graddrop", "gram", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -31,21 +35,29 @@ _CHUNK = 1 << 20
 # Up to this K the CPU Gram pass uses one dot product per pair instead of a matmul.
 _PAIRWISE_MAX_K = 4
 
+# Columns per block of the torch GradDrop pass (CPU: the accumulators stay in cache; GPU: few
+# launches).
+_GRADDROP_BLOCK = 1 << 16
+_GRADDROP_GPU_BLOCK = 1 << 22
+
+# Row dtypes the Triton kernels read; "auto" sends other rows (float64) to torch.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 _triton_failed = False
 
 
 @functools.lru_cache(maxsize=1)
 def _triton_ops():
-    """gradbal.kernels' (gram, combine) or None when Triton or the kernels are missing."""
+    """gradbal.kernels' (gram, combine, graddrop) or None when Triton or the kernels are
+    missing."""
     try:
         from gradbal import kernels
     except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
         return None
-    gram_fn = getattr(kernels, "gram", None)
-    combine_fn = getattr(kernels, "combine", None)
-    if gram_fn is None or combine_fn is None or not getattr(kernels, "AVAILABLE", False):
+    fns = tuple(getattr(kernels, name, None) for name in ("gram", "combine", "graddrop"))
+    if any(fn is None for fn in fns) or not getattr(kernels, "AVAILABLE", False):
         return None
-    return gram_fn, combine_fn
+    return fns
 
 
 def resolve_backend(rows: Tensor, backend: str = "auto") -> str:
@@ -59,7 +71,12 @@ def resolve_backend(rows: Tensor, backend: str = "auto") -> str:
                 f"GRADBAL_BACKEND must be one of {BACKENDS}, got {os.environ['GRADBAL_BACKEND']!r}"
             )
     if backend == "auto":
-        use_triton = rows.is_cuda and not _triton_failed and _triton_ops() is not None
+        use_triton = (
+            rows.is_cuda
+            and rows.dtype in _KERNEL_DTYPES
+            and not _triton_failed
+            and _triton_ops() is not None
+        )
         return "triton" if use_triton else "torch"
     if backend == "triton" and _triton_ops() is None:
         raise RuntimeError(
@@ -151,3 +168,103 @@ def combine(
                 raise
             _fallback(err)
     return combine_torch(rows, weights, out, accumulate)
+
+
+def graddrop_torch(
+    rows: Tensor,
+    noise: Tensor,
+    out: Tensor,
+    accumulate: bool = False,
+    leak: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """GradDrop's elementwise pass with torch ops, block by block: the reference the Triton
+    kernel (gradbal.kernels.graddrop) matches bit for bit (same operations, same order).
+
+    Per column c, with x_i = rows[i, c] in the noise's dtype (fp32, or float64 for float64
+    rows) and u = noise[c]: ``pos = sum_i max(x_i, 0)``, ``neg = sum_i min(x_i, 0)`` (row 0
+    first, NaN kept), ``total = pos - neg``, ``keep = 0.5 * (1 + (total > 0 ? (pos + neg) /
+    total : 0)) > u``, ``res = keep ? pos : neg``, or with ``leak = (l, d)`` (d = 1 - l):
+    ``res = sum_i l_i x_i + (keep ? sum_i d_i max(x_i, 0) : sum_i d_i min(x_i, 0))``; where
+    ``total`` is not finite (an inf or NaN entry) ``res = pos + neg``, the plain sum; finally
+    ``res + 0.0`` (a zero result is +0.0 whatever the device's max/min do with -0.0).
+    ``out[c] = res`` rounded to ``out.dtype`` (``out[c] += round(res)`` when accumulating).
+    ``noise`` may be ``out`` itself (each block reads its noise before writing its result);
+    ``out`` must not overlap ``rows``.
+    """
+    k, n = rows.shape
+    if k == 0:
+        if not accumulate:
+            out.zero_()
+        return out
+    work = noise.dtype
+    dev = rows.device
+    size = max(1, min(n, _GRADDROP_BLOCK if dev.type == "cpu" else _GRADDROP_GPU_BLOCK))
+    bufs = [torch.empty(size, dtype=work, device=dev) for _ in range(3 if leak is None else 7)]
+    if leak is not None:
+        keep, drop = (v.to(device=dev, dtype=work) for v in leak)
+    for start in range(0, n, size):
+        block = rows[:, start : start + size]
+        m = block.shape[1]
+        pos, neg, tmp = (b[:m] for b in bufs[:3])
+        if leak is not None:
+            base, pos_d, neg_d, xn = (b[:m] for b in bufs[3:])
+        for i in range(k):
+            x = block[i] if block.dtype == work else block[i].to(work)
+            if leak is None:
+                if i == 0:
+                    torch.clamp_min(x, 0, out=pos)
+                    torch.clamp_max(x, 0, out=neg)
+                else:
+                    pos.add_(torch.clamp_min(x, 0, out=tmp))
+                    neg.add_(torch.clamp_max(x, 0, out=tmp))
+                continue
+            # One rounded product, then one rounded sum (the kernel runs without FMA).
+            xp = torch.clamp_min(x, 0, out=pos if i == 0 else tmp)
+            torch.clamp_max(x, 0, out=neg if i == 0 else xn)
+            if i == 0:
+                torch.mul(x, keep[0], out=base)
+                torch.mul(pos, drop[0], out=pos_d)
+                torch.mul(neg, drop[0], out=neg_d)
+            else:
+                pos.add_(xp)
+                neg.add_(xn)
+                neg_d.add_(xn.mul_(drop[i]))
+                pos_d.add_(xp.mul_(drop[i]))
+                base.add_(torch.mul(x, keep[i], out=tmp))
+        signed = pos + neg
+        total = pos - neg
+        has_total = total > 0
+        ratio = torch.where(has_total, signed / torch.where(has_total, total, 1.0), 0.0)
+        keep_positive = 0.5 * (1 + ratio) > noise[start : start + m]
+        if leak is None:
+            res = torch.where(keep_positive, pos, neg)
+        else:
+            res = base + torch.where(keep_positive, pos_d, neg_d)
+        res = torch.where(torch.isfinite(total), res, signed).add_(0.0)
+        dst = out[start : start + m]
+        if accumulate:
+            dst.add_(res.to(dst.dtype))
+        else:
+            dst.copy_(res)
+    return out
+
+
+def graddrop(
+    rows: Tensor,
+    noise: Tensor,
+    out: Tensor,
+    accumulate: bool = False,
+    leak: tuple[Tensor, Tensor] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """GradDrop's pass: write (or add) the surviving sum of ``rows`` into ``out``, deciding each
+    column by its sign purity against ``noise`` (uniforms the caller drew from its seeded
+    generator). Both backends give the same bits for the same inputs."""
+    if resolve_backend(rows, backend) == "triton":
+        try:
+            return _triton_ops()[2](rows, noise, out, accumulate=accumulate, leak=leak)
+        except Exception as err:
+            if backend == "triton":
+                raise
+            _fallback(err)
+    return graddrop_torch(rows, noise, out, accumulate, leak)

@@ -8,6 +8,9 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   per-row count of inf/NaN entries from the same read).
 * :func:`combine` (:mod:`.combine`): ``out (+)= scale * sum_k w_k rows[k]`` in one read and one
   write, in place into a row of the store if asked.
+* :func:`graddrop` (:mod:`.graddrop`): GradDrop's elementwise pass (sign purity against
+  caller-made uniforms, the surviving sum) in one read of the rows and one write, bit-identical
+  to the torch pass in ``gradbal._ops``.
 
 ``gradbal._ops`` dispatches to these for CUDA tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
@@ -16,10 +19,11 @@ Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU ten
 
 from __future__ import annotations
 
-__all__ = ["AVAILABLE", "combine", "gram", "gram_with_nonfinite"]
+__all__ = ["AVAILABLE", "combine", "graddrop", "gram", "gram_with_nonfinite"]
 
 try:
     from .combine import combine
+    from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
     if not (_err.name or "").startswith("triton"):
@@ -34,6 +38,9 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def combine(rows, weights, out, accumulate=False, scale=None):
+        raise RuntimeError(_REASON)
+
+    def graddrop(rows, noise, out, accumulate=False, leak=None):
         raise RuntimeError(_REASON)
 
 else:

@@ -7,15 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import _ops
 from ._base import Method
 from ._common import check_pref_vector, num_objectives, to_device
 from ._registry import register_method
 
 __all__ = ["GradDrop"]
-
-# Columns per block of the torch pass (CPU: the accumulators stay in cache; GPU: few launches).
-_BLOCK = 1 << 16
-_GPU_BLOCK = 1 << 22
 
 
 @register_method("graddrop")
@@ -46,14 +43,23 @@ class GradDrop(Method):
     not what the store holds.
 
     Not a weighted sum ``sum_k w_k g_k``: GradDrop runs its own pass over the ``[K, N]``
-    rows (:meth:`combine`), reading each row once; the noise ``U`` is drawn on the rows'
-    device from a generator seeded by the optimizer's seeded generator (by ``generator`` in
-    :func:`gradbal.aggregate`). ``weights`` returns ones (what ``last_stats.weights``
-    reports: the direction before the dropout is the sum).
+    rows (:meth:`combine`, through :func:`gradbal._ops.graddrop`: a fused Triton kernel on
+    CUDA tensors, torch ops otherwise; both give the same bits), reading each row once; the
+    noise ``U`` is drawn on the rows' device from a generator seeded by the optimizer's
+    seeded generator (by ``generator`` in :func:`gradbal.aggregate`), with torch, before the
+    pass. ``weights`` returns ones (what ``last_stats.weights`` reports: the direction before
+    the dropout is the sum).
+
+    Non-finite gradients: a coordinate where some ``g_ij`` is inf or NaN gets the plain sum
+    ``sum_i g_ij`` (inf, -inf or NaN), never a finite value (so the optimizer's non-finite
+    check and policy see the step as it is).
 
     Args:
         leak: ``l``, one value in [0, 1] per objective (or ``None``: 0 for all, the paper's
             default for multitask training; ``l_i = 1`` passes objective i through).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the pass (see
+            :mod:`gradbal._ops`); a ``backend`` given to :meth:`combine` other than ``"auto"``
+            takes precedence.
 
     Example:
         >>> import torch, gradbal
@@ -65,7 +71,10 @@ class GradDrop(Method):
     needs_gram = False
     elementwise = True
 
-    def __init__(self, leak: Sequence[float] | Tensor | None = None):
+    def __init__(self, leak: Sequence[float] | Tensor | None = None, backend: str = "auto"):
+        if backend not in _ops.BACKENDS:
+            raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.leak = check_pref_vector(leak)
         self._num = None if self.leak is None else self.leak.numel()
         if self.leak is not None and not ((self.leak >= 0) & (self.leak <= 1)).all():
@@ -93,56 +102,25 @@ class GradDrop(Method):
             self._cache[key] = (leak, 1 - leak)
         return self._cache[key]
 
-    def combine(self, rows, out, accumulate=False, generator=None):
+    def combine(self, rows, out, accumulate=False, generator=None, backend=None):
         k, n = rows.shape
         self.check_num_objectives(k)
         work = torch.promote_types(rows.dtype, torch.float32)  # arithmetic and noise dtype
-        # The noise for the whole row in one draw, so that it does not depend on the blocks;
-        # it goes into ``out`` itself when ``out`` has the right dtype and is overwritten
-        # (each block reads its noise before writing its result).
+        # The noise for the whole row in one draw, so that it depends neither on the blocks of
+        # the torch pass nor on the backend; it goes into ``out`` itself when ``out`` has the
+        # right dtype and is overwritten (each column's noise is read before its result is
+        # written, by either backend).
         if not accumulate and out.dtype == work:
             noise = out
         else:
             noise = torch.empty(n, dtype=work, device=rows.device)
         noise.uniform_(0.0, 1.0, generator=generator)
-        # Row by row into block-sized accumulators that stay in cache on a CPU; large blocks
-        # on a GPU, where each op is a kernel launch.
-        size = min(n, _BLOCK if rows.device.type == "cpu" else _GPU_BLOCK)
-        pos_buf, neg_buf, tmp_buf = (torch.empty(size, dtype=work, device=rows.device) for _ in range(3))
         leak = None if self._fast else self._leak(rows.device, work)
-        for start in range(0, n, size):
-            block = rows[:, start : start + size]
-            m = block.shape[1]
-            pos, neg, tmp = pos_buf[:m], neg_buf[:m], tmp_buf[:m]
-            if leak is None:
-                for i in range(k):
-                    row = block[i] if block.dtype == work else block[i].to(work)
-                    if i == 0:
-                        torch.clamp_min(row, 0, out=pos)
-                        torch.clamp_max(row, 0, out=neg)
-                    else:
-                        pos.add_(torch.clamp_min(row, 0, out=tmp))
-                        neg.add_(torch.clamp_max(row, 0, out=tmp))
-                pos_sum, neg_sum = pos, neg
-            else:
-                full = block.to(work)
-                pos_all, neg_all = full.clamp_min(0), full.clamp_max(0)
-                pos_sum, neg_sum = pos_all.sum(0), neg_all.sum(0)
-            signed = pos_sum + neg_sum  # sum_i g_i
-            total = pos_sum - neg_sum  # sum_i |g_i|
-            ratio = torch.where(total > 0, signed / torch.where(total > 0, total, 1.0), 0.0)
-            keep_positive = 0.5 * (1 + ratio) > noise[start : start + m]
-            if leak is None:
-                res = torch.where(keep_positive, pos_sum, neg_sum)
-            else:
-                keep, drop = leak
-                res = keep @ full + torch.where(keep_positive, drop @ pos_all, drop @ neg_all)
-            dst = out[start : start + m]
-            if accumulate:
-                dst.add_(res.to(dst.dtype))
-            else:
-                dst.copy_(res)
-        return out
+        if backend is None or backend == "auto":
+            backend = self.backend
+        return _ops.graddrop(rows, noise, out, accumulate, leak, backend=backend)
 
     def __repr__(self) -> str:
-        return f"GradDrop(leak={None if self.leak is None else self.leak.tolist()})"
+        leak = None if self.leak is None else self.leak.tolist()
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"GradDrop(leak={leak}{extra})"

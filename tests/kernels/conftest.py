@@ -26,6 +26,11 @@ def combine_mod():
 
 
 @pytest.fixture(scope="session")
+def graddrop_mod():
+    return importlib.import_module("gradbal.kernels.graddrop")
+
+
+@pytest.fixture(scope="session")
 def device():
     """CUDA when present (compiled kernels), else CPU (Triton's interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
