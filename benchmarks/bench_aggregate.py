@@ -17,7 +17,7 @@ It prints, per method, the ratio ``aggregate / floor`` (target: <= 1.2 for Gram-
 methods) and ``torchjd / gradbal`` (> 1: gradbal is faster), and writes every row
 (median / p20 / p80 ms) to a CSV file.
 
-Timing: CUDA events (after a warm-up) on a GPU, perf_counter on CPU. Stateful methods keep
+Timing (benchmarks/_timing.py): CUDA events (after a warm-up) on a GPU, perf_counter on CPU. Stateful methods keep
 one instance across repetitions, as in training. ``--threads`` sets torch's CPU threads for
 the whole run (default: torch's own); on a shared machine ``--threads 1`` avoids OpenMP
 stalls on the tiny K x K ops.
@@ -32,13 +32,17 @@ import argparse
 import csv
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
+
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_aggregate
+    from _timing import quantiles
+    from _timing import time_ms as timer
+except ImportError:
+    from ._timing import quantiles
+    from ._timing import time_ms as timer
 
 FIELDS = [
     "device", "threads", "K", "N", "method", "provider", "median_ms", "p20_ms", "p80_ms",
@@ -62,34 +66,6 @@ TORCHJD = {
     "mean": lambda a, k: a.Mean(),
     "sum": lambda a, k: a.Sum(),
 }
-
-
-def timer(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def quantiles(times: list[float]) -> tuple[float, float, float]:
-    if len(times) < 3:
-        m = statistics.median(times)
-        return m, min(times), max(times)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
 
 
 def method_options(name: str, k: int) -> dict:

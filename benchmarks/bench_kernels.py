@@ -1,4 +1,4 @@
-"""Throughput of the two memory-bound passes (gram, combine) and of a whole balanced step.
+"""Throughput of the memory-bound passes (gram, combine, graddrop) and of whole balanced steps.
 
 A step over K task gradients stored as the rows of a [K, N] matrix of element size s must read
 the rows twice and write one row: the floor is (2K + 1) N s bytes (gram reads K N s, combine
@@ -12,13 +12,18 @@ Ops:
 * ``step-mokd``   : ``gradbal.aggregate(rows, "mokd", losses=ones(K))``: gram, MoKD weights,
                     combine.
 * ``step-pcgrad`` : ``gradbal.aggregate(rows, "pcgrad")``.
+* ``graddrop``    : GradDrop's elementwise pass on given fp32 uniforms (reads the K rows and the
+                    N uniforms, writes one row: K N s + 4 N + N s bytes).
+* ``step-graddrop``: ``gradbal.aggregate(rows, GradDrop(backend=provider))``: the uniforms drawn
+                    from the seeded generator (4 N bytes written), then the pass.
 
 Providers:
 * ``triton`` : gradbal.kernels (CUDA only; aggregate(..., backend="triton") for the steps).
 * ``torch``  : the flat torch path, gradbal._ops.gram_torch / combine_torch (matmul and
                matrix-vector product; aggregate(..., backend="torch") for the steps).
 * ``loop``   : what per-pair libraries do: one torch.dot per pair, one fused axpy
-               (``out.addcmul_(row, w_k)``) per row, the method's weights in between.
+               (``out.addcmul_(row, w_k)``) per row, the method's weights in between; for
+               GradDrop, LibMTL's dense formula (full [K, N] masks and products).
 * ``torchjd``: TorchJD's aggregator on the [K, N] matrix (PCGrad; MGDA stands in for MoKD,
                which TorchJD lacks), only when ``import torchjd`` works; steps only.
 
@@ -38,15 +43,18 @@ import argparse
 import csv
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_kernels
+    from _timing import Timer, host_syncs, quantiles
+except ImportError:
+    from ._timing import Timer, host_syncs, quantiles
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPS = ("gram", "combine", "step-mokd", "step-pcgrad")
+OPS = ("gram", "combine", "step-mokd", "step-pcgrad", "graddrop", "step-graddrop")
 PROVIDERS = ("triton", "torch", "loop", "torchjd")
 FIELDS = [
     "device",
@@ -67,64 +75,8 @@ FIELDS = [
 
 
 # --------------------------------------------------------------------------------------------
-# timing
+# timing (benchmarks/_timing.py) and the copy bandwidth
 # --------------------------------------------------------------------------------------------
-
-
-class Timer:
-    """Times fn() reps times; CUDA events with an L2 flush before each rep, or perf_counter."""
-
-    def __init__(self, device: torch.device, reps: int, warmup: int):
-        self.device, self.reps, self.warmup = device, reps, warmup
-        self.flush = None
-        if device.type == "cuda":
-            # Larger than any current L2 (H100: 50 MB, H200: 60 MB).
-            self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-
-    def __call__(self, fn: Callable[[], object]) -> list[float]:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            for _ in range(self.reps):
-                self.flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return times
-
-
-def quantiles(times: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80) in the same unit."""
-    if len(times) == 1:
-        return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
-
-
-def host_syncs(fn: Callable[[], object], device: torch.device) -> str:
-    """'yes' if fn synchronises with the host (CUDA sync debug mode), 'no', or 'n/a' on CPU."""
-    if device.type != "cuda":
-        return "n/a"
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return "no"
-    except RuntimeError:
-        return "yes"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
 
 
 _copy_cache: dict[tuple[int, int], float] = {}
@@ -169,13 +121,24 @@ def loop_combine(rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torc
     return out
 
 
-def make_fns(op: str, provider: str, rows, w, out, losses, gen) -> Callable[[], object] | None:
+def loop_graddrop(rows: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """LibMTL's GradDrop: P from two [K, N] reductions, dense [K, N] masks, one masked sum."""
+    p = 0.5 * (1 + rows.sum(0) / (rows.abs().sum(0) + 1e-7))
+    mask = (p > noise) * (rows > 0) + (p < noise) * (rows < 0)
+    return (rows * mask).sum(0)
+
+
+def make_fns(
+    op: str, provider: str, rows, w, out, losses, gen, noise=None
+) -> Callable[[], object] | None:
     """The callable timed for (op, provider), or None when the provider cannot run here."""
     import gradbal
     from gradbal import _ops
     from gradbal.methods import get_method
 
     cuda = rows.is_cuda
+    if "graddrop" in op:
+        return _graddrop_fn(op, provider, rows, out, noise, gen)
     if provider == "triton":
         try:
             from gradbal import kernels
@@ -222,14 +185,52 @@ def make_fns(op: str, provider: str, rows, w, out, losses, gen) -> Callable[[], 
     return None
 
 
+def _graddrop_fn(op, provider, rows, out, noise, gen) -> Callable[[], object] | None:
+    import gradbal
+    from gradbal import _ops
+    from gradbal.methods import get_method
+
+    if provider == "triton":
+        from gradbal import kernels
+
+        if not (rows.is_cuda and kernels.AVAILABLE):
+            return None
+    if provider in ("triton", "torch"):
+        if op == "graddrop":
+            if provider == "torch":
+                return lambda: _ops.graddrop_torch(rows, noise, out)
+            return lambda: kernels.graddrop(rows, noise, out)
+        method = get_method("graddrop", backend=provider)
+        return lambda: gradbal.aggregate(rows, method, generator=gen)
+    if provider == "loop":
+        k, n = rows.shape
+        if 3 * k * n * 4 + 2**30 > free_bytes(rows.device):  # its dense temporaries
+            return None
+        if op == "graddrop":
+            return lambda: loop_graddrop(rows, noise)
+
+        def step():
+            u = torch.rand(rows.shape[1], device=rows.device)  # LibMTL: global RNG
+            return loop_graddrop(rows, u)
+
+        return step
+    return None  # no TorchJD GradDrop
+
+
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
 
 def traffic(op: str, k: int, n: int, s: int) -> int:
-    """Floor bytes: gram K N s, combine (K + 1) N s, a step (2K + 1) N s."""
-    return {"gram": k * n * s, "combine": (k + 1) * n * s}.get(op, (2 * k + 1) * n * s)
+    """Floor bytes: gram K N s, combine (K + 1) N s, a step (2K + 1) N s; graddrop (K + 1) N s
+    + 4 N (the uniforms read), its step 4 N more (the uniforms written)."""
+    return {
+        "gram": k * n * s,
+        "combine": (k + 1) * n * s,
+        "graddrop": (k + 1) * n * s + 4 * n,
+        "step-graddrop": (k + 1) * n * s + 8 * n,
+    }.get(op, (2 * k + 1) * n * s)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -272,7 +273,9 @@ def main(argv=None) -> int:
         bad = sorted(set(given) - set(allowed))
         if bad:
             sys.exit(f"unknown {name}(s) {bad}; choose from {allowed}")
-    timer = Timer(device, args.reps or (30 if cuda else 5), args.warmup or (5 if cuda else 1))
+    timer = Timer(
+        device, args.reps or (30 if cuda else 5), args.warmup or (5 if cuda else 1), flush_l2=True
+    )
 
     if cuda:
         name = torch.cuda.get_device_name(device)
@@ -289,7 +292,7 @@ def main(argv=None) -> int:
     print(f"device-to-device copy bandwidth (large buffer): {big:.1f} GB/s\n")
 
     header = (
-        f"{'op':<12} {'provider':<8} {'dtype':<5} {'K':>3} {'N':>10} {'median':>9} "
+        f"{'op':<13} {'provider':<8} {'dtype':<5} {'K':>3} {'N':>10} {'median':>9} "
         f"{'p20':>9} {'p80':>9} {'GB/s':>8} {'copy':>8} {'%copy':>6} {'sync':>4}"
     )
     print(header)
@@ -307,11 +310,12 @@ def main(argv=None) -> int:
                 w = torch.rand(k, device=device, dtype=torch.float64)
                 out = torch.empty(n, dtype=dtype, device=device)
                 losses = torch.ones(k, device=device)
+                noise = torch.rand(n, device=device) if any("graddrop" in o for o in ops) else None
                 for op in ops:
                     nbytes = traffic(op, k, n, s)
                     copy = copy_bandwidth(k * n * s, device, timer)
                     for provider in providers:
-                        fn = make_fns(op, provider, rows, w, out, losses, gen)
+                        fn = make_fns(op, provider, rows, w, out, losses, gen, noise)
                         if fn is None:
                             continue
                         med, p20, p80 = quantiles(timer(fn))
@@ -334,17 +338,18 @@ def main(argv=None) -> int:
                         }
                         rows_out.append(row)
                         print(
-                            f"{op:<12} {provider:<8} {row['dtype']:<5} {k:>3} {n:>10.0e} "
+                            f"{op:<13} {provider:<8} {row['dtype']:<5} {k:>3} {n:>10.0e} "
                             f"{med:>9.4f} {p20:>9.4f} {p80:>9.4f} {gbps:>8.1f} {copy:>8.1f} "
                             f"{100 * gbps / copy:>6.1f} {row['host_sync']:>4}",
                             flush=True,
                         )
-                del rows, out
+                del rows, out, noise
                 if cuda:
                     torch.cuda.empty_cache()
     print(
-        "\ntimes in ms; GB/s = floor traffic (gram K N s, combine (K+1) N s, step (2K+1) N s) "
-        "/ median; %copy = GB/s over the copy bandwidth of a K N s buffer"
+        "\ntimes in ms; GB/s = floor traffic (gram K N s, combine (K+1) N s, step (2K+1) N s, "
+        "graddrop (K+1) N s + 4 N, step-graddrop (K+1) N s + 8 N) / median; %copy = GB/s over "
+        "the copy bandwidth of a K N s buffer"
     )
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)

@@ -1,0 +1,95 @@
+"""Timing shared by the benchmark scripts (bench_kernels.py, bench_aggregate.py).
+
+``time_ms`` runs ``fn`` ``warmup`` times untimed, then ``reps`` timed times and returns the
+per-call milliseconds: CUDA events around each call on a GPU (optionally with the L2 cache
+flushed before every repetition, so a memory-bound op reads from HBM each time), perf_counter
+on CPU. ``quantiles`` turns them into (median, p20, p80). ``host_syncs`` says whether a CUDA
+call synchronised with the host.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Timer", "host_syncs", "quantiles", "time_ms"]
+
+# Larger than any current L2 (H100: 50 MB, H200: 60 MB).
+_FLUSH_BYTES = 256 * 2**20
+
+
+def time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    flush: torch.Tensor | None = None,
+) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    On CUDA each call is timed by a pair of events (the GPU time of the work it queued, the
+    host waiting on the end event); ``flush`` (a CUDA byte buffer) is zeroed before each call,
+    outside the timed region. On CPU: wall time by perf_counter."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            if flush is not None:
+                flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+class Timer:
+    """``time_ms`` with fixed device, repetitions and warm-up; ``flush_l2`` allocates the flush
+    buffer once (CUDA only)."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int, flush_l2: bool = False):
+        self.device, self.reps, self.warmup = torch.device(device), reps, warmup
+        self.flush = None
+        if flush_l2 and self.device.type == "cuda":
+            self.flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=self.device)
+
+    def __call__(self, fn: Callable[[], object], reps: int | None = None) -> list[float]:
+        return time_ms(fn, self.device, reps or self.reps, self.warmup, self.flush)
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) in the same unit (inclusive quantiles; one sample is all three)."""
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def host_syncs(fn: Callable[[], object], device: torch.device) -> str:
+    """'yes' if fn synchronises with the host (CUDA sync debug mode), 'no', or 'n/a' on CPU."""
+    if torch.device(device).type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "no"
+    except RuntimeError:
+        return "yes"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
