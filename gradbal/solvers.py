@@ -14,8 +14,9 @@ The central problem is the min-norm point of the convex hull of K vectors (MGDA,
   relative interior of some face S of the simplex, where it solves the KKT system
   ``[[G_SS, 1], [1^T, 0]] [w_S; -lam] = [0; 1]``. All 2^K - 1 systems are solved in one
   batched ``linalg.solve_ex``; the feasible solution of smallest objective is the optimum.
-* Larger K uses a primal active-set method (Wolfe's) with a fixed number of iterations,
-  each one KKT solve on the current support.
+* Larger K uses a primal-dual interior-point method with a fixed number of Mehrotra steps
+  to find the support, then a few primal-dual active-set rounds that solve the KKT system
+  on it exactly and keep the answer only if it passes the exact KKT check.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import Tensor
 
 __all__ = [
     "EXACT_MAX_K",
+    "MIN_NORM_ROUNDS",
+    "MIN_NORM_STEPS",
     "min_norm_2",
     "min_norm_simplex",
     "project_simplex",
@@ -34,6 +37,9 @@ __all__ = [
 
 #: Largest K solved by support enumeration (2^K - 1 small linear systems, batched).
 EXACT_MAX_K = 8
+#: Interior-point steps and active-set rounds for K > EXACT_MAX_K (see _min_norm_large).
+MIN_NORM_STEPS = 15
+MIN_NORM_ROUNDS = 4
 
 # A ridge relative to the largest diagonal entry (K > 2 only): makes the min-norm weights
 # unique when the gradients are linearly dependent (equal rows get equal weights: exactly
@@ -137,45 +143,102 @@ def project_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def _min_norm_active_set(gram: Tensor, iterations: int) -> Tensor:
-    """Primal active-set method (Wolfe 1976) with a fixed number of iterations.
+def _max_step(s: Tensor, d: Tensor) -> Tensor:
+    """Largest t in (0, 1] with ``s + t d >= 0`` (rowwise over the last dim), for s > 0."""
+    return (s / (-d).clamp_min(1e-300)).amin(-1, keepdim=True).clamp(max=1.0)
 
-    The support S starts at the best vertex. Each iteration solves the KKT system on S:
-    if that solution is feasible it becomes the iterate and the most violated KKT condition
-    ``(G w)_i < w^T G w`` outside S joins S; otherwise the iterate moves toward it until a
-    weight hits zero (ratio test) and those leave S. Once optimal, an iteration changes
-    nothing, so extra iterations are harmless; every decision is a ``torch.where``.
+
+def _chol_solve2(chol: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` for rhs [..., K, R] by two triangular solves (no host check)."""
+    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True)
+
+
+def _min_norm_ipm(q: Tensor, a: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Mehrotra predictor-corrector for ``min 1/2 x^T q x`` s.t. ``a^T x = 1``, ``x >= 0``.
+
+    With ``z`` the multipliers of ``x >= 0`` and ``nu`` that of the equality, each step
+    solves the Newton system reduced to ``(q + diag(z / x)) dx = r + dnu a`` by one Cholesky
+    factorisation shared by the predictor, the corrector and the equality's column
+    (``dnu`` then follows from ``a^T dx = 1 - a^T x``). Primal and dual variables live in
+    one [..., 2K] tensor so that the step-length rule runs once for both.
+
+    Returns (x, support guess ``x > z``).
     """
-    k = gram.shape[-1]
-    diag = gram.diagonal(dim1=-2, dim2=-1)
-    eye = torch.eye(k, dtype=torch.bool, device=gram.device)
-    support = eye[diag.argmin(-1)]
-    w = support.to(gram.dtype)
-    tol = 1e-15 * diag.amax(-1).clamp_min(1e-300)  # below the ridge, above rounding
+    k = q.shape[-1]
+    x = (1.0 / a.sum(-1, keepdim=True)).expand_as(a).clone()  # a^T x = 1
+    z = torch.ones_like(x)
+    nu = ((q @ x.unsqueeze(-1)).squeeze(-1) - z).mean(-1, keepdim=True)
+    s = torch.cat([x, z], -1)
+    inv_k = 1.0 / k
     for _ in range(iterations):
-        v_raw, _ = _kkt_solve_raw(gram, support)
-        feasible = (v_raw >= 0).all(-1, keepdim=True) & torch.isfinite(v_raw).all(-1, keepdim=True)
+        x, z = s[..., :k], s[..., k:]
+        xz = x * z
+        zx = z / x
+        rd = (q @ x.unsqueeze(-1)).squeeze(-1) - nu * a - z  # stationarity residual
+        rp = 1.0 - (a * x).sum(-1, keepdim=True)  # equality residual
+        chol, _ = torch.linalg.cholesky_ex(q + torch.diag_embed(zx))
+        sol = _chol_solve2(chol, torch.stack([-rd - z, a], -1))
+        p, col = sol[..., 0], sol[..., 1]
+        a_col = (a * col).sum(-1, keepdim=True)
+        dnu = (rp - (a * p).sum(-1, keepdim=True)) / a_col
+        dx = p + dnu * col
+        d = torch.cat([dx, -z - zx * dx], -1)
+        s_aff = s + _max_step(s, d) * d
+        mu = xz.sum(-1, keepdim=True) * inv_k
+        mu_aff = (s_aff[..., :k] * s_aff[..., k:]).sum(-1, keepdim=True) * inv_k
+        target = ((mu_aff / mu).clamp(0, 1) ** 3 * mu).clamp_min(1e-14)
+        rc = xz + d[..., :k] * d[..., k:] - target
+        p = _chol_solve2(chol, (-rd - rc / x).unsqueeze(-1)).squeeze(-1)
+        dnu = (rp - (a * p).sum(-1, keepdim=True)) / a_col
+        dx = p + dnu * col
+        d = torch.cat([dx, -(rc + z * dx) / x], -1)
+        t = 0.99 * _max_step(s, d)
+        s_new = s + t * d
+        nu_new = nu + t * dnu
+        # A failed factorisation gives NaN: keep the previous point (no host branch).
+        good = torch.isfinite(s_new.sum(-1, keepdim=True) + nu_new)
+        s = torch.where(good, s_new, s).clamp_min(1e-300)
+        nu = torch.where(good, nu_new, nu)
+    x, z = s[..., :k], s[..., k:]
+    return x, x > z
+
+
+def _min_norm_large(gram: Tensor, iterations: int, rounds: int) -> Tensor:
+    """K > ``EXACT_MAX_K``: interior point, then primal-dual active-set rounds.
+
+    The interior point runs on the unit-diagonal matrix ``D G D`` (``w = D x``,
+    ``D = diag(G)^(-1/2)``, so the constraint reads ``a^T x = 1`` with ``a = diag(D)``): it
+    then starts well scaled whatever the spread of gradient norms. It only has to find the
+    support approximately. Each active-set round (Hintermueller, Ito & Kunisch 2002) solves
+    the KKT system on the current support exactly (:func:`_kkt_solve_raw`), keeps that
+    solution when it passes the exact KKT check (``w_S >= 0`` and ``(G w)_i >= w^T G w``
+    off S: then it is the minimiser), drops the support indices whose weight went negative
+    and adds the outside ones whose condition fails. When no round passes the check, the
+    interior point's iterate (feasible, near-optimal) is returned.
+    """
+    dsc = torch.rsqrt(gram.diagonal(dim1=-2, dim2=-1))  # diag >= the ridge > 0
+    q = gram * dsc.unsqueeze(-1) * dsc.unsqueeze(-2)
+    x, support = _min_norm_ipm(q, dsc, iterations)
+    best = (x * dsc).clamp_min(0)
+    best = best / best.sum(-1, keepdim=True)
+    best_obj = _objective(gram, best)
+    tol = 1e-12  # gram has unit largest diagonal (see _normalise)
+    for _ in range(rounds):
+        v_raw, solved = _kkt_solve_raw(gram, support)
+        gv = (gram @ v_raw.unsqueeze(-1)).squeeze(-1)
+        obj = (gv * v_raw).sum(-1, keepdim=True)
+        optimal = solved.unsqueeze(-1) & (v_raw >= -tol).all(-1, keepdim=True)
+        optimal = optimal & ((gv >= obj - tol) | support).all(-1, keepdim=True)
         v = v_raw.clamp_min(0)
-        # Feasible: accept, then add the most violated index outside S.
-        gw = (gram @ v.unsqueeze(-1)).squeeze(-1)
-        obj = (gw * v).sum(-1, keepdim=True)
-        slack = torch.where(support, torch.full_like(gw, float("inf")), gw - obj)
-        worst = slack.argmin(-1)
-        violated = (slack.gather(-1, worst.unsqueeze(-1)) < -tol.unsqueeze(-1))
-        grown = support | (eye[worst] & violated)
-        # Infeasible: step from w toward v_raw until the first weight reaches zero.
-        shrinking = v_raw < w
-        ratio = torch.where(
-            shrinking & support, w / (w - v_raw).clamp_min(1e-300), torch.full_like(w, float("inf"))
-        )
-        alpha = ratio.amin(-1, keepdim=True).clamp(0, 1)
-        w_step = (w + alpha * (v_raw - w)).clamp_min(0)
-        w_step = torch.where(support, w_step, torch.zeros_like(w_step))
-        shrunk = support & (w_step > 1e-15)
-        w_step = w_step / w_step.sum(-1, keepdim=True).clamp_min(1e-300)
-        w = torch.where(feasible, v, w_step)
-        support = torch.where(feasible, grown, shrunk)
-    return w
+        v = v / v.sum(-1, keepdim=True).clamp_min(1e-300)
+        take = optimal & (obj <= best_obj.unsqueeze(-1) * (1 + 1e-9) + 1e-15)
+        best = torch.where(take, v, best)
+        best_obj = torch.where(take.squeeze(-1), obj.squeeze(-1), best_obj)
+        new = torch.where(solved.unsqueeze(-1), support & (v_raw > 0), support)
+        new = new | (~support & (gv < obj - tol))
+        support = torch.where(new.any(-1, keepdim=True), new, support)
+    return best
 
 
 def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
@@ -183,7 +246,8 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
 
     Args:
         gram: [..., K, K] symmetric PSD matrix (any float dtype; solved in float64).
-        iterations: active-set iterations used when K > ``EXACT_MAX_K`` (default 2K).
+        iterations: interior-point steps used when K > ``EXACT_MAX_K`` (default
+            ``MIN_NORM_STEPS``), each followed by ``MIN_NORM_ROUNDS`` exact active-set rounds.
 
     Returns:
         w [..., K] on the simplex minimising ``w^T G w``, finite for any finite input
@@ -205,5 +269,6 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     elif k <= EXACT_MAX_K:
         w = _min_norm_enumerate(g)
     else:
-        w = _min_norm_active_set(g, 2 * k if iterations is None else iterations)
+        steps = MIN_NORM_STEPS if iterations is None else iterations
+        w = _min_norm_large(g, steps, MIN_NORM_ROUNDS)
     return w.to(out_dtype)

@@ -131,8 +131,8 @@ def test_batched_matches_unbatched():
         torch.testing.assert_close(w[i], min_norm_simplex(grams[i]))
 
 
-def test_fista_path_matches_enumeration():
-    """K above EXACT_MAX_K uses FISTA + KKT polish; compare with brute enumeration on K=9."""
+def test_large_k_path_matches_scipy():
+    """K above EXACT_MAX_K uses the interior point + active-set rounds; scipy on K = 9."""
     gram, _ = random_gram(EXACT_MAX_K + 1, n=5, seed=7)
     w = min_norm_simplex(gram)
     ref = torch.from_numpy(scipy_min_norm(gram))

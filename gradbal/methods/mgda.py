@@ -17,10 +17,11 @@ class MGDA(Method):
     the convex hull of the gradients. If ``d != 0`` it is a descent direction for every
     objective: ``<d, g_k> >= ||d||^2`` for all k (the KKT conditions), with equality wherever
     ``w_k > 0``. Solved on the device (closed form for K = 2, exact support enumeration up to
-    K = 8, FISTA + KKT polish above; see :mod:`gradbal.solvers`).
+    K = 8, interior point + exact active-set rounds above; see :mod:`gradbal.solvers`).
 
     Args:
-        iterations: FISTA steps for K > 8.
+        iterations: interior-point steps for K > 8 (default
+            ``gradbal.solvers.MIN_NORM_STEPS``).
 
     Example:
         >>> import torch, gradbal
@@ -29,8 +30,8 @@ class MGDA(Method):
         tensor([0.5000, 0.5000])
     """
 
-    def __init__(self, iterations: int = 256):
-        self.iterations = int(iterations)
+    def __init__(self, iterations: int | None = None):
+        self.iterations = None if iterations is None else int(iterations)
 
     def weights(self, gram, losses, generator=None):
         return min_norm_simplex(gram, self.iterations)

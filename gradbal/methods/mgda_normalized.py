@@ -51,7 +51,7 @@ class MGDANormalized(Method):
         normalization: str | None = None,
         apply_to: str = "normalized",
         loss_floor: float = 1e-6,
-        iterations: int = 256,
+        iterations: int | None = None,
     ):
         normalization = self.default_normalization if normalization is None else normalization
         if normalization not in NORMALIZATIONS:
@@ -63,7 +63,7 @@ class MGDANormalized(Method):
         self.normalization = normalization
         self.apply_to = apply_to
         self.loss_floor = float(loss_floor)
-        self.iterations = int(iterations)
+        self.iterations = None if iterations is None else int(iterations)
 
     @property
     def requires_nonnegative_losses(self) -> bool:

@@ -52,7 +52,8 @@ class MoKD(Method):
             below any loss a float32 cross-entropy reports before underflowing to 0).
         magnitude: ``"mean_loss"`` or ``"faithful"``.
         max_norm: clip ``||d||`` (after the magnitude rule) to this value; ``None`` = off.
-        iterations: FISTA steps of the simplex solver for K > 8.
+        iterations: interior-point steps of the simplex solver for K > 8 (default
+            ``gradbal.solvers.MIN_NORM_STEPS``).
 
     Example:
         >>> import torch, gradbal
@@ -70,7 +71,7 @@ class MoKD(Method):
         loss_floor: float = 1e-6,
         magnitude: str = "mean_loss",
         max_norm: float | None = None,
-        iterations: int = 256,
+        iterations: int | None = None,
     ):
         if magnitude not in MAGNITUDES:
             raise ValueError(f"magnitude must be one of {MAGNITUDES}, got {magnitude!r}")
@@ -82,7 +83,7 @@ class MoKD(Method):
         self.loss_floor = float(loss_floor)
         self.magnitude = magnitude
         self.max_norm = None if max_norm is None else float(max_norm)
-        self.iterations = int(iterations)
+        self.iterations = None if iterations is None else int(iterations)
 
     @property
     def requires_nonnegative_losses(self) -> bool:
