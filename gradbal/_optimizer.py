@@ -107,7 +107,10 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             every objective's gradient and loss value is averaged over its ranks before
             balancing, so each rank takes the step one process would take on the whole batch.
             With DDP, call :meth:`backward` under ``model.no_sync()``
-            (see :mod:`gradbal.distributed`).
+            (see :mod:`gradbal.distributed`). Not needed with ``fully_shard`` parameters
+            (DTensors): FSDP's reduce-scatter averages each objective's gradient into this
+            rank's shards, and the shard group reduces the partial Gram matrices (1-D meshes
+            only: HSDP is refused; so are elementwise methods such as ``"graddrop"``).
         **method_options: options of the named method (e.g. ``max_norm=1.0`` for MoKD).
     """
 
@@ -153,7 +156,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (1,)).item())
             group = process_group
             if group is None:  # fully_shard: the ranks must draw the same random orders too
-                sharded = [p for g in optimizer.param_groups for p in g["params"] if distributed.is_sharded([p])]
+                every = [p for g in optimizer.param_groups for p in g["params"]]
+                sharded = [p for p in every if distributed.is_sharded([p])]
                 group = distributed.shard_group(sharded) if sharded else None
             if group is not None:
                 seed = distributed.broadcast_seed(seed, group)
@@ -287,6 +291,14 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         if not self.method.requires_task_gradients:
             self._backward_weighted_sum(losses, loss_values, scaler if enabled_scaler else None)
             return
+        if self.method.elementwise and distributed.is_sharded(params):
+            raise ValueError(
+                f"method {self.method.name!r} is elementwise (a random mask per coordinate) and "
+                "is not supported on fully_shard parameters: its noise is one stream over the "
+                "whole gradient, which a rank holding shards cannot reproduce for its "
+                "coordinates without drawing all of it. Use it with DDP (process_group=), or a "
+                "Gram-based method (e.g. 'pcgrad') under fully_shard"
+            )
         to_backward = [scaler.scale(loss) for loss in losses] if enabled_scaler else losses
 
         store = self._get_store(params)
@@ -366,10 +378,12 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             accumulate = store.prepare_out(snapshot)
             for g in store.groups:
                 if seed is not None:
-                    self.method.combine(g.rows, g.out, accumulate, self._device_generator(seed, g.device))
+                    gen = self._device_generator(seed, g.device)
+                    self.method.combine(g.rows, g.out, accumulate, gen)
                 else:
                     _ops.combine(
-                        g.rows, weights.to(g.device), g.out, accumulate=accumulate, backend=self.backend
+                        g.rows, weights.to(g.device), g.out, accumulate=accumulate,
+                        backend=self.backend,
                     )
             store.point_grads_at_out([c > 0 for c in counts], snapshot)
             stats = StepStats.from_gram(weights, gram, loss_values, nonfinite, self.skipped_steps)
@@ -432,7 +446,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
                     "were passed to the optimizer"
                 )
             if group is not None:  # the plain ones (a method's own); FSDP averaged the rest
-                distributed.average_grads([p for p in params if not distributed.is_sharded([p])], group)
+                plain = [p for p in params if not distributed.is_sharded([p])]
+                distributed.average_grads(plain, group)
         except BaseException:
             for p, g in zip(params, snapshot):
                 p.grad = g
@@ -452,7 +467,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             # objective, so it is flagged on the combined gradient (one small pass).
             grads = [distributed.local_tensor(p.grad) for p in params if p.grad is not None]
             norms = torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
-            combined_bad = (~torch.isfinite(norms).all() | ~torch.isfinite(weights).all()).reshape(1)
+            bad = ~torch.isfinite(norms).all() | ~torch.isfinite(weights).all()
+            combined_bad = bad.reshape(1)
             if sharded:  # each rank checked its shards: refuse on every rank or on none
                 combined_bad = distributed.all_reduce_sum(combined_bad.double(), group) > 0
             flags = torch.cat([nonfinite, combined_bad.to(nonfinite.device)])

@@ -59,7 +59,9 @@ def _device_for(group: Any, fallback: torch.device) -> torch.device:
     """Collectives of the NCCL backend need CUDA tensors; gloo takes CPU ones."""
     backend = dist.get_backend(group)
     if backend == "nccl":
-        return fallback if fallback.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        if fallback.type == "cuda":
+            return fallback
+        return torch.device("cuda", torch.cuda.current_device())
     return fallback
 
 

@@ -66,6 +66,21 @@ def record(model, opt):
     }
 
 
+# GradScaler runs (tests/reliability/test_fsdp.py): the scale doubles after every step that
+# goes through and halves on an overflow, which is planted at PLANT_STEP as an Inf in element 0
+# of the first parameter's gradient (after backward, before scaler.step): under fully_shard it
+# lands in rank 0's shard only, and every rank must skip the step as one process does.
+PLANT_STEP = 1
+
+
+def make_scaler(device="cpu"):
+    return torch.amp.GradScaler(device, init_scale=1024.0, growth_interval=1)
+
+
+def plant_overflow(grad):
+    grad.reshape(-1)[0] = float("inf")
+
+
 def run_rank(rank, world, method, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     method, _, wrap = method.partition(":")
@@ -92,11 +107,15 @@ def run_rank(rank, world, method, init, out):
     dist.destroy_process_group()
 
 
-def run_reference(world, method, out):
-    """One process: the rank-averaged losses, with the optimizer seed rank 0 drew."""
+def run_reference(world, method, out, scaler=False):
+    """One process: the rank-averaged losses, with the optimizer seed rank 0 drew.
+
+    ``scaler``: under :func:`make_scaler`'s GradScaler, with the overflow of
+    :func:`plant_overflow` at PLANT_STEP; each step also records the scale it used."""
     model, sgd = make(method)
     torch.manual_seed(RANK_SEED)
     opt = gradbal.MultiObjectiveOptimizer(sgd, method)
+    amp = make_scaler() if scaler else None
     results = []
     for step in range(STEPS):
         x, y, t = data(world, step)
@@ -107,14 +126,22 @@ def run_reference(world, method, out):
         ]
         losses = [sum(ls[k] for ls in per_rank) / world for k in range(3)]
         opt.zero_grad()
-        opt.backward(losses)
-        results.append(record(model, opt))
-        opt.step()
+        if amp is None:
+            opt.backward(losses)
+            results.append(record(model, opt))
+            opt.step()
+            continue
+        opt.backward(losses, scaler=amp)
+        results.append({**record(model, opt), "scale": amp.get_scale()})
+        if step == PLANT_STEP:
+            plant_overflow(next(model.parameters()).grad)
+        amp.step(opt)
+        amp.update()
     torch.save(results, out)
 
 
 if __name__ == "__main__":
-    rank, world, method, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    rank, world, (method, init, out) = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:6]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     run_rank(rank, world, method, init, out)

@@ -11,13 +11,17 @@ from tests import _dist_worker as worker
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "mokd:ddp", "dwa", "famo"])
+@pytest.mark.parametrize(
+    "method", ["mokd", "pcgrad", "gradvac", "mokd:ddp", "dwa", "famo", "graddrop", "graddrop:ddp"]
+)
 def test_ranks_match_one_process(tmp_path, world, method):
     init = f"file://{tmp_path / 'rendezvous'}"  # no TCP port to race for
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tests._dist_worker", str(r), str(world), method, init,
-                          str(tmp_path / f"rank{r}.pt")], env=env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-m", "tests._dist_worker", str(r), str(world), method,
+                          init, str(tmp_path / f"rank{r}.pt")],
+                         env=env, stderr=subprocess.PIPE, text=True)
         for r in range(world)
     ]
     for p in procs:

@@ -1,11 +1,13 @@
 """One rank of tests/reliability/test_fsdp.py: a ``fully_shard`` model on gloo (CPU) or NCCL.
 
 Modes:
-  store  -- gradbal.distributed's sharded store on its own (no optimizer patch needed): each
+  store  -- gradbal.distributed's sharded store on its own (no optimizer): each
             objective's backward lands its rank-averaged shard in the store's row through the
             DTensor .grad views; the all-reduced partial Grams give the full Gram matrix.
   optim  -- MultiObjectiveOptimizer on the sharded model, a few steps; weights, full .grad and
             parameters per step, compared by the test with one process on the whole batch.
+  scaler -- the same under a torch.amp.GradScaler, with an overflow planted in one rank's shard.
+  refused -- HSDP and an elementwise METHOD on fully_shard: the errors, nothing changed.
 
 Usage: python -m tests.reliability._fsdp_worker MODE RANK WORLD METHOD INIT OUT [DEVICE]
 """
@@ -83,26 +85,76 @@ def run_store(rank, world, device, out):
     torch.save({"gram": gram.cpu(), "rows": torch.stack(full), "reached": reached}, out)
 
 
-def run_optim(rank, world, method, device, out):
+def run_optim(rank, world, method, device, out, scaler=False):
+    """``scaler``: under tests._dist_worker.make_scaler's GradScaler, with its planted overflow
+    (an Inf in element 0 of the first parameter's gradient: rank 0's shard) at PLANT_STEP."""
     model = sharded_model(device)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.manual_seed(ref.RANK_SEED + rank)  # ranks draw different seeds; rank 0's is used
     opt = gradbal.MultiObjectiveOptimizer(sgd, method)
+    amp = ref.make_scaler(torch.device(device).type) if scaler else None
     results = []
     for step in range(ref.STEPS):
         x, y, t = batch(world, step, rank, device)
         opt.zero_grad()
-        opt.backward(losses(model, x, y, t, rank))
+        opt.backward(losses(model, x, y, t, rank), scaler=amp)
         grads = [None if p.grad is None else p.grad.full_tensor().cpu() for p in model.parameters()]
         params = [p.full_tensor().detach().cpu() for p in model.parameters()]
         # As tests._dist_worker.record: parameters before this step (after the previous ones).
         results.append({"weights": opt.last_stats.weights.cpu(), "grads": grads, "params": params})
-        opt.step()
+        if amp is None:
+            opt.step()
+            continue
+        results[-1]["scale"] = amp.get_scale()
+        first = next(model.parameters())
+        if step == ref.PLANT_STEP and rank == 0:
+            assert distributed.local_tensor(first.grad).numel() > 0  # rank 0 holds element 0
+            ref.plant_overflow(distributed.local_tensor(first.grad))
+        amp.step(opt)
+        amp.update()
     torch.save(results, out)
 
 
+def run_refused(rank, world, method, device, out):
+    """What must be refused, with a clear error and nothing changed: HSDP (a 2-D replicate x
+    shard mesh) at construction and at backward, and ``method`` (an elementwise one) on
+    ``fully_shard`` at backward. Saves the error messages; raises if anything changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    torch.manual_seed(0)
+    hsdp = ref.Net().double().to(device)
+    mesh = init_device_mesh(torch.device(device).type, (1, world),
+                            mesh_dim_names=("replicate", "shard"))
+    for m in (hsdp.trunk, hsdp.head, hsdp.aux, hsdp):
+        fully_shard(m, mesh=mesh)
+    try:
+        gradbal.MultiObjectiveOptimizer(torch.optim.SGD(hsdp.parameters(), lr=0.1), "mokd")
+    except ValueError as err:
+        errors["hsdp_init"] = str(err)
+    cases = [("hsdp_backward", hsdp, "mokd"), ("elementwise", sharded_model(device), method)]
+    for name, model, how in cases:
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = gradbal.MultiObjectiveOptimizer(sgd, how, seed=0)  # seed=: no collective here
+        before = [p.full_tensor().detach().clone() for p in model.parameters()]
+        generator = opt.generator.get_state()
+        x, y, t = batch(world, 0, rank, device)
+        try:
+            opt.backward(losses(model, x, y, t, rank))
+        except ValueError as err:
+            errors[name] = str(err)
+        assert all(p.grad is None for p in model.parameters())
+        after = [p.full_tensor().detach() for p in model.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert torch.equal(opt.generator.get_state(), generator)
+        assert opt.last_stats is None and not opt.state
+    torch.save(errors, out)
+
+
 if __name__ == "__main__":
-    mode, rank, world, method, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
+    mode, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    method, init, out = sys.argv[4:7]
     device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
     torch.set_num_threads(1)
     if device == "cuda":
@@ -112,8 +164,10 @@ if __name__ == "__main__":
                             rank=rank, world_size=world)
     if mode == "store":
         run_store(rank, world, device, out)
+    elif mode == "refused":
+        run_refused(rank, world, method, device, out)
     else:
-        run_optim(rank, world, method, device, out)
+        run_optim(rank, world, method, device, out, scaler=mode == "scaler")
     dist.barrier()
     sys.stdout.flush()
     os._exit(0)  # gloo's threads can abort at interpreter teardown (see tests/_dist_worker.py)

@@ -6,14 +6,13 @@ store's rows); the Gram matrix is the all-reduce of the local partial Grams (K x
 combine is local. The model, batches and reference are tests/_dist_worker.py's (one process on
 the rank-averaged losses); rank 0's batch gives the auxiliary objective a zero gradient.
 
-``test_sharded_store_*`` checks gradbal.distributed's pieces and runs today.
-``test_optimizer_*`` needs MultiObjectiveOptimizer to use them (the optimizer patch listed in
-docs/DISTRIBUTED.md); it is skipped until the optimizer does.
+``test_sharded_store_*`` checks gradbal.distributed's pieces on their own, ``test_optimizer_*``
+MultiObjectiveOptimizer on the sharded model (also under a GradScaler), ``test_refused_*`` the
+clear errors (HSDP, GradDrop) that change nothing.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import sys
 import pytest
 import torch
 
-import gradbal._optimizer
 from tests import _dist_worker as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,13 +31,7 @@ try:
 except ImportError:
     HAVE_FSDP = False
 
-OPTIMIZER_SUPPORTS_FSDP = "ShardedGradientStore" in inspect.getsource(gradbal._optimizer)
 needs_fsdp = pytest.mark.skipif(not HAVE_FSDP, reason="torch without fully_shard / gloo")
-needs_patch = pytest.mark.skipif(
-    not OPTIMIZER_SUPPORTS_FSDP,
-    reason="MultiObjectiveOptimizer does not use gradbal.distributed.ShardedGradientStore yet "
-    "(see the FSDP patch in docs/DISTRIBUTED.md)",
-)
 
 
 def launch(tmp_path, mode, world, method="mokd", device="cpu"):
@@ -47,8 +39,8 @@ def launch(tmp_path, mode, world, method="mokd", device="cpu"):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability._fsdp_worker", mode, str(r), str(world), method,
-             init, str(tmp_path / f"rank{r}.pt"), device],
+            [sys.executable, "-m", "tests.reliability._fsdp_worker", mode, str(r), str(world),
+             method, init, str(tmp_path / f"rank{r}.pt"), device],
             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
         )
         for r in range(world)
@@ -68,17 +60,17 @@ def reference_rows(world):
     """Per-objective gradients of one process on the rank-averaged losses (step 0)."""
     model, _ = ref.make("mokd")
     x, y, t = ref.data(world, 0)
-    per_rank = [
-        model.losses(x[r * ref.PER_RANK:(r + 1) * ref.PER_RANK], y[r * ref.PER_RANK:(r + 1) * ref.PER_RANK],
-                     t[r * ref.PER_RANK:(r + 1) * ref.PER_RANK], r)
-        for r in range(world)
-    ]
+    per_rank = []
+    for r in range(world):
+        sl = slice(r * ref.PER_RANK, (r + 1) * ref.PER_RANK)
+        per_rank.append(model.losses(x[sl], y[sl], t[sl], r))
     losses = [sum(ls[k] for ls in per_rank) / world for k in range(3)]
     params = list(model.parameters())
     rows = []
     for loss in losses:
         gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+        full = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+        rows.append(torch.cat([g.reshape(-1) for g in full]))
     return torch.stack(rows)
 
 
@@ -94,37 +86,84 @@ def test_sharded_store_holds_averaged_shards_and_partial_grams_sum_to_the_gram(t
         assert got["reached"] == [[t, t, t, t, f, f], [t, t, t, t, f, f], [t, t, f, f, t, t]]
 
 
-@needs_fsdp
-@needs_patch
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "dwa"])
-def test_optimizer_on_fully_shard_matches_one_process(tmp_path, world, method):
-    ranks = launch(tmp_path, "optim", world, method)
-    ref.run_reference(world, method, tmp_path / "ref.pt")
-    expected = torch.load(tmp_path / "ref.pt")
+def assert_matches(ranks, expected):
+    """Every rank's weights, full .grad and parameters (and GradScaler's scale) match one
+    process's at every step."""
     for step in range(ref.STEPS):
         for got in ranks:
-            torch.testing.assert_close(got[step]["weights"], expected[step]["weights"], rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(got[step]["weights"], expected[step]["weights"],
+                                       rtol=1e-6, atol=1e-12)
             for g, e in zip(got[step]["grads"], expected[step]["grads"]):
                 assert (g is None) == (e is None)
                 if g is not None:
                     torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-12)
             for a, b in zip(got[step]["params"], expected[step]["params"]):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+            assert got[step].get("scale") == expected[step].get("scale")
+
+
+@needs_fsdp
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "dwa"])
+def test_optimizer_on_fully_shard_matches_one_process(tmp_path, world, method):
+    ranks = launch(tmp_path, "optim", world, method)
+    ref.run_reference(world, method, tmp_path / "ref.pt")
+    assert_matches(ranks, torch.load(tmp_path / "ref.pt"))
+
+
+@needs_fsdp
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", ["mokd", "pcgrad", "dwa"])
+def test_optimizer_on_fully_shard_with_grad_scaler_matches_one_process(tmp_path, world, method):
+    """torch.amp.GradScaler (CPU) on fully_shard: each objective's scaled backward lands in its
+    row, the weights come from the unscaled all-reduced Gram, ``.grad`` carries the scale, and
+    ``scaler.step`` unscales the DTensor ``.grad``. The scale doubles after every step; at
+    PLANT_STEP an Inf is put in rank 0's shard of the first gradient only: every rank must skip
+    that step and halve the scale, as one process does (GradScaler's found-Inf flag is reduced
+    over the ranks for DTensor gradients)."""
+    ranks = launch(tmp_path, "scaler", world, method)
+    ref.run_reference(world, method, tmp_path / "ref.pt", scaler=True)
+    expected = torch.load(tmp_path / "ref.pt")
+    # The reference did what the test is about: scaled, grew, skipped the planted step.
+    plant = ref.PLANT_STEP
+    assert [e["scale"] for e in expected] == [1024.0, 2048.0, 1024.0]
+    assert all(torch.equal(a, b) for a, b in zip(expected[plant]["params"],
+                                                  expected[plant + 1]["params"]))
+    assert not all(torch.equal(a, b) for a, b in zip(expected[0]["params"],
+                                                      expected[1]["params"]))
+    # ...and the scale changed nothing but .grad's scale: the first step without a scaler.
+    ref.run_reference(world, method, tmp_path / "plain.pt")
+    plain = torch.load(tmp_path / "plain.pt")[0]
+    torch.testing.assert_close(expected[0]["weights"], plain["weights"], rtol=1e-6, atol=1e-12)
+    for g, e in zip(expected[0]["grads"], plain["grads"]):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, 1024.0 * e, rtol=1e-6, atol=1e-12)
+    assert_matches(ranks, expected)
+
+
+@needs_fsdp
+def test_refused_on_fully_shard_with_a_clear_error_and_nothing_changed(tmp_path):
+    """HSDP (2-D replicate x shard mesh) is refused at construction (the seed broadcast looks
+    for the shard group) and, with a seed given, at the first backward; GradDrop (elementwise
+    noise over the whole gradient) is refused on fully_shard at backward. The worker checks
+    that parameters, .grad, the generator and the optimizer state are unchanged."""
+    for errors in launch(tmp_path, "refused", 2, "graddrop"):
+        assert set(errors) == {"hsdp_init", "hsdp_backward", "elementwise"}
+        for name in ("hsdp_init", "hsdp_backward"):
+            assert "HSDP" in errors[name] and "1-D" in errors[name], errors[name]
+        assert "'graddrop' is elementwise" in errors["elementwise"]
+        assert "process_group=" in errors["elementwise"]
 
 
 @pytest.mark.gpu
-@needs_patch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["optim", "scaler"])
 @pytest.mark.parametrize("method", ["mokd", "pcgrad"])
-def test_optimizer_on_fully_shard_nccl_matches_one_process(tmp_path, method):
-    """NCCL on the GPUs present (1 rank on a single GPU: the device path of the collectives)."""
+def test_optimizer_on_fully_shard_nccl_matches_one_process(tmp_path, method, mode):
+    """NCCL on the GPUs present (1 rank on a single GPU: the device path of the collectives),
+    without and with a CUDA GradScaler, against the CPU one-process reference."""
     world = max(1, min(2, torch.cuda.device_count()))
-    ranks = launch(tmp_path, "optim", world, method, device="cuda")
-    ref.run_reference(world, method, tmp_path / "ref.pt")
-    expected = torch.load(tmp_path / "ref.pt")
-    for step in range(ref.STEPS):
-        for got in ranks:
-            torch.testing.assert_close(got[step]["weights"], expected[step]["weights"], rtol=1e-6, atol=1e-12)
-            for a, b in zip(got[step]["params"], expected[step]["params"]):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    ranks = launch(tmp_path, mode, world, method, device="cuda")
+    ref.run_reference(world, method, tmp_path / "ref.pt", scaler=mode == "scaler")
+    assert_matches(ranks, torch.load(tmp_path / "ref.pt"))
