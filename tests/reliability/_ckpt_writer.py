@@ -26,10 +26,19 @@ def checkpoint(n: int, numel: int) -> dict:
     return {
         "epoch": n,
         "student": {"weight": torch.full((numel,), float(n)), "bias": torch.full((7,), float(n))},
-        "optimizer": {"optimizer": {"state": {0: {"momentum_buffer": torch.full((numel // 4,), -float(n))}},
-                                    "param_groups": [{"lr": 0.1, "params": [0]}]},
-                      "gradbal": {"method": "mokd", "method_state": {}, "generator": torch.Generator().manual_seed(n).get_state(),
-                                  "skipped_steps": 0, "num_objectives": 2}},
+        "optimizer": {
+            "optimizer": {
+                "state": {0: {"momentum_buffer": torch.full((numel // 4,), -float(n))}},
+                "param_groups": [{"lr": 0.1, "params": [0]}],
+            },
+            "gradbal": {
+                "method": "mokd",
+                "method_state": {},
+                "generator": torch.Generator().manual_seed(n).get_state(),
+                "skipped_steps": 0,
+                "num_objectives": 2,
+            },
+        },
         "history": [{"epoch": e, "top1": float(e)} for e in range(1, n + 1)],
         "config": {"method": "mokd", "epochs": 10**6},
     }
@@ -44,7 +53,8 @@ def check(ckpt: dict) -> int:
     assert torch.equal(ckpt["student"]["bias"], want["student"]["bias"])
     buf = ckpt["optimizer"]["optimizer"]["state"][0]["momentum_buffer"]
     assert torch.equal(buf, want["optimizer"]["optimizer"]["state"][0]["momentum_buffer"])
-    assert torch.equal(ckpt["optimizer"]["gradbal"]["generator"], want["optimizer"]["gradbal"]["generator"])
+    generator = want["optimizer"]["gradbal"]["generator"]
+    assert torch.equal(ckpt["optimizer"]["gradbal"]["generator"], generator)
     assert ckpt["history"] == want["history"]
     return n
 
