@@ -74,7 +74,7 @@ def aggregate(
     if m.elementwise:
         # Its own pass over the rows, with noise made on their device from ``generator``.
         device_gen = device_generator(draw_seed(generator), rows.device)
-        return m.combine(rows, out, False, device_gen)
+        return m.combine(rows, out, False, device_gen, backend=backend)
     if m.needs_gram:
         gram = _ops.gram(rows, backend=backend)
     else:

@@ -379,7 +379,7 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             for g in store.groups:
                 if seed is not None:
                     gen = self._device_generator(seed, g.device)
-                    self.method.combine(g.rows, g.out, accumulate, gen)
+                    self.method.combine(g.rows, g.out, accumulate, gen, backend=self.backend)
                 else:
                     _ops.combine(
                         g.rows, weights.to(g.device), g.out, accumulate=accumulate,

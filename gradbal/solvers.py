@@ -38,7 +38,7 @@ __all__ = [
 #: Largest K solved by support enumeration (2^K - 1 small linear systems, batched).
 EXACT_MAX_K = 8
 #: Interior-point steps and active-set rounds for K > EXACT_MAX_K (see _min_norm_large).
-MIN_NORM_STEPS = 15
+MIN_NORM_STEPS = 12
 MIN_NORM_ROUNDS = 4
 
 # A ridge relative to the largest diagonal entry (K > 2 only): makes the min-norm weights

@@ -88,7 +88,12 @@ class Method:
         raise NotImplementedError
 
     def combine(
-        self, rows: Tensor, out: Tensor, accumulate: bool = False, generator: torch.Generator | None = None
+        self,
+        rows: Tensor,
+        out: Tensor,
+        accumulate: bool = False,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
     ) -> Tensor:
         """Elementwise methods: write the balanced direction of ``rows`` [K, N] into ``out`` [N].
 
@@ -96,7 +101,9 @@ class Method:
         per (device, dtype) group of parameters. ``accumulate``: add to ``out`` instead of
         overwriting it. ``generator``: a generator *on rows' device*, seeded by the caller
         from its own seeded CPU generator (the only source of randomness allowed). ``out``
-        never overlaps ``rows``. Same rules as :meth:`weights`: no host synchronisation.
+        never overlaps ``rows``. ``backend``: the caller's choice of ``"auto"``, ``"torch"``
+        or ``"triton"`` (see :mod:`gradbal._ops`), for methods with a kernel of their own.
+        Same rules as :meth:`weights`: no host synchronisation.
         """
         raise NotImplementedError(f"method {self.name!r} is not elementwise")
 

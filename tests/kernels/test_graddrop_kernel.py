@@ -276,6 +276,19 @@ def test_method_backends_give_the_same_bits(dtype, leak, device, monkeypatch, ro
     assert _same_bits(res["torch", "combine"], res["triton", "combine"])
 
 
+def test_aggregate_backend_reaches_the_kernel(monkeypatch, rows_of):
+    """``gradbal.aggregate(..., backend=...)`` routes GradDrop's pass like gram/combine."""
+    calls = _spy_kernel(monkeypatch)
+    rows = _rows(rows_of, 3, 300, torch.float32, "cpu")
+    res = {}
+    for backend in ("torch", "triton"):
+        res[backend] = gradbal.aggregate(
+            rows, "graddrop", generator=torch.Generator().manual_seed(5), backend=backend
+        )
+    assert calls == [1]
+    assert _same_bits(res["torch"], res["triton"])
+
+
 def test_env_forces_the_kernel_and_auto_keeps_cpu_on_torch(monkeypatch, rows_of):
     calls = _spy_kernel(monkeypatch)
     rows = _rows(rows_of, 2, 100, torch.float32, "cpu")
@@ -314,9 +327,13 @@ def test_graddrop_falls_back_to_torch_with_one_warning(monkeypatch, rows_of):
 def _train(backend, leak=None, steps=3):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
-    method = get_method("graddrop", leak=leak, backend=backend)
+    # The method by name, with no backend of its own: the optimizer's ``backend`` routes it.
     opt = gradbal.MultiObjectiveOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, backend=backend, seed=1
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        "graddrop",
+        leak=leak,
+        backend=backend,
+        seed=1,
     )
     gen = torch.Generator().manual_seed(0)
     grads = []
