@@ -22,8 +22,44 @@ def _check(norm_eps: float, reg_eps: float) -> None:
         raise ValueError(f"reg_eps must be >= 0, got {reg_eps}")
 
 
+class _DualConeMethod(Method):
+    """What UPGrad and DualProj share: options, checks, and the projection of the rows of
+    ``u`` (built from the preference vector p by :meth:`_targets`) onto the dual cone."""
+
+    def __init__(
+        self,
+        pref_vector: Sequence[float] | Tensor | None = None,
+        norm_eps: float = 0.0,
+        reg_eps: float = 1e-4,
+        iterations: int = 15,
+    ):
+        _check(norm_eps, reg_eps)
+        self.pref = PrefVector(pref_vector, default="mean")
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+        self.iterations = int(iterations)
+
+    def check_num_objectives(self, k: int) -> None:
+        self.pref.check(k, self.name)
+
+    def _targets(self, p: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _project(self, gram: Tensor) -> Tensor:
+        k = gram.shape[-1]
+        self.check_num_objectives(k)
+        u = self._targets(self.pref.get(k, gram))
+        return project_dual_cone(gram, u, self.reg_eps, self.norm_eps, self.iterations)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pref_vector={self.pref!r}, norm_eps={self.norm_eps}, "
+            f"reg_eps={self.reg_eps})"
+        )
+
+
 @register_method("upgrad")
-class UPGrad(Method):
+class UPGrad(_DualConeMethod):
     r"""Unconflicting projection of gradients (Quinton & Rey, "Jacobian Descent for
     Multi-Objective Optimization", arXiv 2406.16232, 2024).
 
@@ -61,38 +97,15 @@ class UPGrad(Method):
         True
     """
 
-    def __init__(
-        self,
-        pref_vector: Sequence[float] | Tensor | None = None,
-        norm_eps: float = 0.0,
-        reg_eps: float = 1e-4,
-        iterations: int = 15,
-    ):
-        _check(norm_eps, reg_eps)
-        self.pref = PrefVector(pref_vector, default="mean")
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-        self.iterations = int(iterations)
-
-    def check_num_objectives(self, k: int) -> None:
-        self.pref.check(k, self.name)
+    def _targets(self, p: Tensor) -> Tensor:
+        return torch.diag(p)  # one projection per gradient, g_i scaled by p_i
 
     def weights(self, gram, losses, generator=None):
-        k = gram.shape[-1]
-        self.check_num_objectives(k)
-        p = self.pref.get(k, gram)
-        v = project_dual_cone(gram, torch.diag(p), self.reg_eps, self.norm_eps, self.iterations)
-        return v.sum(0).to(gram.dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"UPGrad(pref_vector={self.pref!r}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
+        return self._project(gram).sum(0).to(gram.dtype)
 
 
 @register_method("dualproj")
-class DualProj(Method):
+class DualProj(_DualConeMethod):
     r"""Projection of the mean gradient onto the dual cone of the gradients (the projection
     of Gradient Episodic Memory, Lopez-Paz & Ranzato, NeurIPS 2017, Eq. 11, as an
     aggregator in TorchJD).
@@ -111,31 +124,8 @@ class DualProj(Method):
         tensor([0.0000, 0.5000])
     """
 
-    def __init__(
-        self,
-        pref_vector: Sequence[float] | Tensor | None = None,
-        norm_eps: float = 0.0,
-        reg_eps: float = 1e-4,
-        iterations: int = 15,
-    ):
-        _check(norm_eps, reg_eps)
-        self.pref = PrefVector(pref_vector, default="mean")
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-        self.iterations = int(iterations)
-
-    def check_num_objectives(self, k: int) -> None:
-        self.pref.check(k, self.name)
+    def _targets(self, p: Tensor) -> Tensor:
+        return p  # one projection: of the p-weighted sum of the gradients
 
     def weights(self, gram, losses, generator=None):
-        k = gram.shape[-1]
-        self.check_num_objectives(k)
-        p = self.pref.get(k, gram)
-        v = project_dual_cone(gram, p, self.reg_eps, self.norm_eps, self.iterations)
-        return v.to(gram.dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"DualProj(pref_vector={self.pref!r}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
+        return self._project(gram).to(gram.dtype)
