@@ -124,11 +124,14 @@ def test_opposite_pair_gives_zero_direction():
     torch.testing.assert_close(w @ g, torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-def test_batched_matches_unbatched():
-    grams = torch.stack([random_gram(5, seed=s)[0] for s in range(3)])
-    w = min_norm_simplex(grams)
+@pytest.mark.parametrize("k", [5, EXACT_MAX_K + 4])
+def test_batched_matches_unbatched(k):
+    """Both the enumeration and the interior-point path treat leading dims as a batch."""
+    grams = torch.stack([random_gram(k, n=k - 2 + s, seed=s)[0] for s in range(3)])
+    w = min_norm_simplex(grams.reshape(3, 1, k, k)).reshape(3, k)
     for i in range(3):
-        torch.testing.assert_close(w[i], min_norm_simplex(grams[i]))
+        torch.testing.assert_close(w[i], min_norm_simplex(grams[i]), rtol=0, atol=1e-12)
+        assert_kkt(grams[i], w[i], tol=1e-9)
 
 
 def test_large_k_path_matches_scipy():
