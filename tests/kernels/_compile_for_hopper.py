@@ -1,0 +1,106 @@
+"""Compile gradbal's Triton kernels ahead of time for an H100 (sm_90), without a GPU.
+
+Run as a script in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces
+``@triton.jit`` functions with objects that cannot be compiled). Triton's own compiler and
+its bundled ``ptxas`` lower each kernel to PTX and SASS, which catches what the interpreter
+lets through (ops or dtypes the GPU back end rejects, type mismatches in ``tl.where``,
+constexpr misuse). Prints one line per variant and exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET"):
+    sys.exit("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 64)
+
+
+def variants():
+    """(name, kernel, signature, constexprs, options) for the launches the wrappers make."""
+    gram = importlib.import_module("gradbal.kernels.gram")
+    combine = importlib.import_module("gradbal.kernels.combine")
+    graddrop = importlib.import_module("gradbal.kernels.graddrop")
+    for dt, (k, kp), use_dot, count in itertools.product(
+        ["fp32", "bf16", "fp16"], [(3, 4), (16, 16)], [True, False], [True, False]
+    ):
+        for native in [True, False] if use_dot and dt != "fp32" else [False]:
+            sig = {
+                "rows_ptr": f"*{dt}", "stride_k": "i64", "part_ptr": "*fp64", "cnt_ptr": "*i64",
+                "N": "i64", "num_blocks": "i32", "K": "constexpr", "KP": "constexpr",
+                "BLOCK": "constexpr", "USE_DOT": "constexpr", "DOT_NATIVE": "constexpr",
+                "COUNT_NONFINITE": "constexpr",
+            }
+            consts = {
+                "K": k, "KP": kp, "BLOCK": 128 if use_dot else 256, "USE_DOT": use_dot,
+                "DOT_NATIVE": native, "COUNT_NONFINITE": count,
+            }
+            yield f"gram partials {dt} K={k} dot={use_dot} native={native} count={count}", \
+                gram._gram_partials_kernel, sig, consts, {}
+    for kp, count in itertools.product([4, 16], [True, False]):
+        sig = {
+            "part_ptr": "*fp64", "cnt_ptr": "*i64", "g_ptr": "*fp64", "cnt_out_ptr": "*i64",
+            "P": "i32", "K": "constexpr", "KP": "constexpr", "BLOCK_P": "constexpr",
+            "COUNT_NONFINITE": "constexpr",
+        }
+        consts = {"K": kp - 1, "KP": kp, "BLOCK_P": 64, "COUNT_NONFINITE": count}
+        yield f"gram finish KP={kp} count={count}", gram._gram_finish_kernel, sig, consts, {}
+    for dt, odt, k, acc, mode in itertools.product(
+        ["fp32", "bf16", "fp16"], ["fp32", "bf16"], [2, 16], [True, False], [0, 2]
+    ):
+        sig = {
+            "rows_ptr": f"*{dt}", "stride_k": "i64", "w_ptr": "*fp64", "stride_w": "i64",
+            "scale_ptr": "*fp64", "scale_val": "fp32", "out_ptr": f"*{odt}", "N": "i64",
+            "num_blocks": "i32", "K": "constexpr", "BLOCK": "constexpr",
+            "ACCUMULATE": "constexpr", "SCALE": "constexpr", "BF16_RNE": "constexpr",
+        }
+        consts = {
+            "K": k, "BLOCK": 4096 // (4 if dt == "fp32" else 2), "ACCUMULATE": acc,
+            "SCALE": mode, "BF16_RNE": False,
+        }
+        yield f"combine {dt}->{odt} K={k} acc={acc} scale={mode}", \
+            combine._combine_kernel, sig, consts, {}
+    cases = [(*c, False) for c in itertools.product(
+        ["fp32", "bf16", "fp16"], ["fp32", "bf16", "fp64"], [2, 16], [True, False]
+    )] + [(dt, dt, 2, leak, True) for dt in ["fp32", "bf16"] for leak in [True, False]]
+    for dt, odt, k, leak, acc in cases:
+        sig = {
+            "rows_ptr": f"*{dt}", "stride_k": "i64", "noise_ptr": "*fp32", "keep_ptr": "*fp32",
+            "drop_ptr": "*fp32", "out_ptr": f"*{odt}", "N": "i64", "num_blocks": "i32",
+            "K": "constexpr", "BLOCK": "constexpr", "LEAK": "constexpr",
+            "ACCUMULATE": "constexpr", "OUT_F64": "constexpr", "BF16_RNE": "constexpr",
+        }
+        consts = {
+            "K": k, "BLOCK": 4096 // (4 if dt == "fp32" else 2), "LEAK": leak,
+            "ACCUMULATE": acc, "OUT_F64": odt == "fp64", "BF16_RNE": False,
+        }
+        yield f"graddrop {dt}->{odt} K={k} leak={leak} acc={acc}", \
+            graddrop._graddrop_kernel, sig, consts, {"enable_fp_fusion": False}
+
+
+def main() -> int:
+    failed = 0
+    count = 0
+    for name, fn, sig, consts, options in variants():
+        count += 1
+        try:
+            triton.compile(
+                ASTSource(fn=fn, signature=sig, constexprs=consts), target=HOPPER, options=options
+            )
+        except Exception as err:  # noqa: BLE001 - report every failing variant, then fail
+            failed += 1
+            print(f"FAILED {name}: {type(err).__name__}: {str(err)[:500]}")
+    print(f"compiled {count - failed} of {count} kernel variants for sm_90 (triton {triton.__version__})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
