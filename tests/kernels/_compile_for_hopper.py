@@ -17,6 +17,7 @@ import sys
 if os.environ.get("TRITON_INTERPRET"):
     sys.exit("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled")
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -29,10 +30,15 @@ def variants():
     gram = importlib.import_module("gradbal.kernels.gram")
     combine = importlib.import_module("gradbal.kernels.combine")
     graddrop = importlib.import_module("gradbal.kernels.graddrop")
-    for dt, (k, kp), use_dot, count in itertools.product(
-        ["fp32", "bf16", "fp16"], [(3, 4), (16, 16)], [True, False], [True, False]
-    ):
-        for native in [True, False] if use_dot and dt != "fp32" else [False]:
+    next_pow2 = importlib.import_module("gradbal.kernels._launch").next_pow2
+    # The Gram pass: the plans gram.plan_gram makes (fma or tl.dot, tile sizes, warps) for
+    # every padded K, as launched on an H100 (132 SMs).
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    programs = 132 * gram._PROGRAMS_PER_SM
+    for dt, k in itertools.product(torch_dtypes, [2, 3, 5, 8, 16, 32, gram.MAX_K]):
+        plan = gram.plan_gram(k, 10**7, torch_dtypes[dt])
+        kp = plan.k_pad
+        for count in [True, False]:
             sig = {
                 "rows_ptr": f"*{dt}", "stride_k": "i64", "part_ptr": "*fp64", "cnt_ptr": "*i64",
                 "N": "i64", "num_blocks": "i32", "K": "constexpr", "KP": "constexpr",
@@ -40,19 +46,21 @@ def variants():
                 "COUNT_NONFINITE": "constexpr",
             }
             consts = {
-                "K": k, "KP": kp, "BLOCK": 128 if use_dot else 256, "USE_DOT": use_dot,
-                "DOT_NATIVE": native, "COUNT_NONFINITE": count,
+                "K": k, "KP": kp, "BLOCK": plan.block, "USE_DOT": plan.use_dot,
+                "DOT_NATIVE": plan.use_dot and dt != "fp32", "COUNT_NONFINITE": count,
             }
-            yield f"gram partials {dt} K={k} dot={use_dot} native={native} count={count}", \
-                gram._gram_partials_kernel, sig, consts, {}
-    for kp, count in itertools.product([4, 16], [True, False]):
-        sig = {
-            "part_ptr": "*fp64", "cnt_ptr": "*i64", "g_ptr": "*fp64", "cnt_out_ptr": "*i64",
-            "P": "i32", "K": "constexpr", "KP": "constexpr", "BLOCK_P": "constexpr",
-            "COUNT_NONFINITE": "constexpr",
-        }
-        consts = {"K": kp - 1, "KP": kp, "BLOCK_P": 64, "COUNT_NONFINITE": count}
-        yield f"gram finish KP={kp} count={count}", gram._gram_finish_kernel, sig, consts, {}
+            yield f"gram partials {dt} K={k} dot={plan.use_dot} count={count}", \
+                gram._gram_partials_kernel, sig, consts, {"num_warps": plan.num_warps}
+            sig = {
+                "part_ptr": "*fp64", "cnt_ptr": "*i64", "g_ptr": "*fp64", "cnt_out_ptr": "*i64",
+                "P": "i32", "K": "constexpr", "KP": "constexpr", "BLOCK_P": "constexpr",
+                "COUNT_NONFINITE": "constexpr",
+            }
+            block_p = max(1, min(next_pow2(programs), 8192 // (kp * kp)))
+            consts = {"K": k, "KP": kp, "BLOCK_P": block_p, "COUNT_NONFINITE": count}
+            warps = 8 if kp * kp >= 4096 else 4
+            yield f"gram finish {dt} K={k} count={count}", gram._gram_finish_kernel, sig, \
+                consts, {"num_warps": warps}
     for dt, odt, k, acc, mode in itertools.product(
         ["fp32", "bf16", "fp16"], ["fp32", "bf16"], [2, 16], [True, False], [0, 2]
     ):
@@ -67,7 +75,7 @@ def variants():
             "SCALE": mode, "BF16_RNE": False,
         }
         yield f"combine {dt}->{odt} K={k} acc={acc} scale={mode}", \
-            combine._combine_kernel, sig, consts, {}
+            combine._combine_kernel, sig, consts, {"num_warps": 4}
     cases = [(*c, False) for c in itertools.product(
         ["fp32", "bf16", "fp16"], ["fp32", "bf16", "fp64"], [2, 16], [True, False]
     )] + [(dt, dt, 2, leak, True) for dt in ["fp32", "bf16"] for leak in [True, False]]
@@ -83,7 +91,7 @@ def variants():
             "ACCUMULATE": acc, "OUT_F64": odt == "fp64", "BF16_RNE": False,
         }
         yield f"graddrop {dt}->{odt} K={k} leak={leak} acc={acc}", \
-            graddrop._graddrop_kernel, sig, consts, {"enable_fp_fusion": False}
+            graddrop._graddrop_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": False}
 
 
 def main() -> int:
