@@ -110,7 +110,7 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             (see :mod:`gradbal.distributed`). Not needed with ``fully_shard`` parameters
             (DTensors): FSDP's reduce-scatter averages each objective's gradient into this
             rank's shards, and the shard group reduces the partial Gram matrices (1-D meshes
-            only: HSDP is refused; so are elementwise methods such as ``"graddrop"``).
+            only: HSDP is refused).
         **method_options: options of the named method (e.g. ``max_norm=1.0`` for MoKD).
     """
 
@@ -291,14 +291,6 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         if not self.method.requires_task_gradients:
             self._backward_weighted_sum(losses, loss_values, scaler if enabled_scaler else None)
             return
-        if self.method.elementwise and distributed.is_sharded(params):
-            raise ValueError(
-                f"method {self.method.name!r} is elementwise (a random mask per coordinate) and "
-                "is not supported on fully_shard parameters: its noise is one stream over the "
-                "whole gradient, which a rank holding shards cannot reproduce for its "
-                "coordinates without drawing all of it. Use it with DDP (process_group=), or a "
-                "Gram-based method (e.g. 'pcgrad') under fully_shard"
-            )
         to_backward = [scaler.scale(loss) for loss in losses] if enabled_scaler else losses
 
         store = self._get_store(params)
@@ -379,7 +371,11 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             for g in store.groups:
                 if seed is not None:
                     gen = self._device_generator(seed, g.device)
-                    self.method.combine(g.rows, g.out, accumulate, gen, backend=self.backend)
+                    # fully_shard: the one process's noise, read at this rank's coordinates
+                    where = g.coordinates() if sharded else None
+                    self.method.combine(
+                        g.rows, g.out, accumulate, gen, backend=self.backend, coordinates=where
+                    )
                 else:
                     _ops.combine(
                         g.rows, weights.to(g.device), g.out, accumulate=accumulate,

@@ -31,6 +31,7 @@ matrix is the all-reduce of the local partial Grams; the combine is local.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -204,6 +205,7 @@ class ShardedParamGroupStore(ParamGroupStore):
         self.out_views = self._views(self.out)
         self.rows = torch.empty(0, total, device=self.device, dtype=self.dtype)
         self.row_views = []
+        self._coordinates: tuple[Tensor, int] | None = None
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         from torch.distributed.tensor import DTensor
@@ -217,6 +219,35 @@ class ShardedParamGroupStore(ParamGroupStore):
     def owns_out_view(self, position: int, grad: Tensor) -> bool:
         view, local = _local(self.out_views[position]), _local(grad)
         return local.data_ptr() == view.data_ptr() and local.shape == view.shape
+
+    def coordinates(self) -> tuple[Tensor, int]:
+        """``(index, numel)``: where this rank's entries sit in the one-process flat layout of
+        the same parameters (full parameters back to back, in order), and that layout's size.
+
+        Elementwise methods draw their noise over the whole layout and read it at ``index``,
+        so that a rank's shards get exactly the one process's values (Method.combine)."""
+        if self._coordinates is None:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            parts, start = [], 0
+            for p, n in zip(self.params, self.numels):
+                shape, offset = compute_local_shape_and_global_offset(
+                    p.shape, p.device_mesh, p.placements
+                )
+                if math.prod(shape) != n:
+                    raise RuntimeError(
+                        f"a local shard of {n} entries does not match its placement "
+                        f"{tuple(shape)} (padded shards?); elementwise methods need the "
+                        "unpadded layout"
+                    )
+                # The global flat positions of the shard: a box of the full tensor.
+                full = torch.arange(start, start + p.numel(), device=self.device).view(p.shape)
+                box = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+                parts.append(full[box].reshape(-1))
+                start += p.numel()
+            index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            self._coordinates = (index.to(self.device), start)
+        return self._coordinates
 
 
 class ShardedGradientStore(GradientStore):

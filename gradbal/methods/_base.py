@@ -94,6 +94,7 @@ class Method:
         accumulate: bool = False,
         generator: torch.Generator | None = None,
         backend: str = "auto",
+        coordinates: tuple[Tensor, int] | None = None,
     ) -> Tensor:
         """Elementwise methods: write the balanced direction of ``rows`` [K, N] into ``out`` [N].
 
@@ -103,6 +104,10 @@ class Method:
         from its own seeded CPU generator (the only source of randomness allowed). ``out``
         never overlaps ``rows``. ``backend``: the caller's choice of ``"auto"``, ``"torch"``
         or ``"triton"`` (see :mod:`gradbal._ops`), for methods with a kernel of their own.
+        ``coordinates``: ``None``, or ``(index, numel)`` when ``rows`` hold only the entries
+        ``index`` [N] of a gradient of ``numel`` entries (a rank's ``fully_shard`` shards):
+        random draws are then made for the whole gradient and read at ``index``, so that
+        every rank's part equals the one process's result.
         Same rules as :meth:`weights`: no host synchronisation.
         """
         raise NotImplementedError(f"method {self.name!r} is not elementwise")

@@ -102,7 +102,9 @@ class GradDrop(Method):
             self._cache[key] = (leak, 1 - leak)
         return self._cache[key]
 
-    def combine(self, rows, out, accumulate=False, generator=None, backend=None):
+    def combine(
+        self, rows, out, accumulate=False, generator=None, backend=None, coordinates=None
+    ):
         k, n = rows.shape
         self.check_num_objectives(k)
         work = torch.promote_types(rows.dtype, torch.float32)  # arithmetic and noise dtype
@@ -110,11 +112,19 @@ class GradDrop(Method):
         # the torch pass nor on the backend; it goes into ``out`` itself when ``out`` has the
         # right dtype and is overwritten (each column's noise is read before its result is
         # written, by either backend).
-        if not accumulate and out.dtype == work:
+        if coordinates is not None:
+            # A rank's shards of a larger gradient (fully_shard): the one process's stream over
+            # all of it, read at this rank's coordinates. Costs a temporary of the whole size.
+            index, numel = coordinates
+            stream = torch.empty(numel, dtype=work, device=rows.device)
+            stream.uniform_(0.0, 1.0, generator=generator)
+            noise = stream[index]
+        elif not accumulate and out.dtype == work:
             noise = out
         else:
             noise = torch.empty(n, dtype=work, device=rows.device)
-        noise.uniform_(0.0, 1.0, generator=generator)
+        if coordinates is None:
+            noise.uniform_(0.0, 1.0, generator=generator)
         leak = None if self._fast else self._leak(rows.device, work)
         if backend is None or backend == "auto":
             backend = self.backend

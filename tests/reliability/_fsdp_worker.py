@@ -7,7 +7,7 @@ Modes:
   optim  -- MultiObjectiveOptimizer on the sharded model, a few steps; weights, full .grad and
             parameters per step, compared by the test with one process on the whole batch.
   scaler -- the same under a torch.amp.GradScaler, with an overflow planted in one rank's shard.
-  refused -- HSDP and an elementwise METHOD on fully_shard: the errors, nothing changed.
+  refused -- HSDP: the errors, nothing changed.
 
 Usage: python -m tests.reliability._fsdp_worker MODE RANK WORLD METHOD INIT OUT [DEVICE]
 """
@@ -117,8 +117,8 @@ def run_optim(rank, world, method, device, out, scaler=False):
 
 def run_refused(rank, world, method, device, out):
     """What must be refused, with a clear error and nothing changed: HSDP (a 2-D replicate x
-    shard mesh) at construction and at backward, and ``method`` (an elementwise one) on
-    ``fully_shard`` at backward. Saves the error messages; raises if anything changed."""
+    shard mesh) at construction and at backward. Saves the error messages; raises if anything
+    changed."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -133,8 +133,7 @@ def run_refused(rank, world, method, device, out):
         gradbal.MultiObjectiveOptimizer(torch.optim.SGD(hsdp.parameters(), lr=0.1), "mokd")
     except ValueError as err:
         errors["hsdp_init"] = str(err)
-    cases = [("hsdp_backward", hsdp, "mokd"), ("elementwise", sharded_model(device), method)]
-    for name, model, how in cases:
+    for name, model, how in [("hsdp_backward", hsdp, "mokd")]:
         sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         opt = gradbal.MultiObjectiveOptimizer(sgd, how, seed=0)  # seed=: no collective here
         before = [p.full_tensor().detach().clone() for p in model.parameters()]
