@@ -72,14 +72,24 @@ class ParamGroupStore:
 class GradientStore:
     """Per-(device, dtype) :class:`ParamGroupStore` s for an ordered list of parameters."""
 
+    #: The per-(device, dtype) store (the sharded store swaps in its own).
+    group_class: type[ParamGroupStore] = ParamGroupStore
+
+    @staticmethod
+    def local(t: Tensor) -> Tensor:
+        """The data of a parameter or gradient this rank holds (all of it here; a DTensor's
+        local shard in the sharded store)."""
+        return t
+
     def __init__(self, params: Sequence[torch.nn.Parameter]):
         self.params = list(params)
         self.key = tuple(id(p) for p in self.params)
         by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(self.params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
+            t = self.local(p)
+            by_kind.setdefault((t.device, t.dtype), []).append(i)
         self.groups = [
-            ParamGroupStore([self.params[i] for i in idx], idx) for idx in by_kind.values()
+            self.group_class([self.params[i] for i in idx], idx) for idx in by_kind.values()
         ]
         # (group, position in group) for every parameter index.
         self.location: list[tuple[ParamGroupStore, int]] = [None] * len(self.params)  # type: ignore[list-item]
@@ -119,7 +129,7 @@ class GradientStore:
             if prev is None:
                 seg.zero_()
             elif not g.owns_out_view(pos, prev):
-                seg.copy_(prev.reshape(-1))
+                seg.copy_(self.local(prev).reshape(-1))
         return True
 
     def point_grads_at_out(

@@ -245,8 +245,8 @@ class ShardedParamGroupStore(ParamGroupStore):
                 box = tuple(slice(o, o + s) for o, s in zip(offset, shape))
                 parts.append(full[box].reshape(-1))
                 start += p.numel()
-            index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-            self._coordinates = (index.to(self.device), start)
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            self._coordinates = (torch.cat(parts) if parts else empty, start)
         return self._coordinates
 
 
@@ -256,34 +256,13 @@ class ShardedGradientStore(GradientStore):
     objective's rank-averaged shard into the row in place). ``group``: the shard group."""
 
     sharded = True
+    group_class = ShardedParamGroupStore
+    local = staticmethod(local_tensor)
 
     def __init__(self, params):
-        self.params = list(params)
-        self.key = tuple(id(p) for p in self.params)
-        self.group = shard_group(self.params)
-        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(self.params):
-            t = _local(p)
-            by_kind.setdefault((t.device, t.dtype), []).append(i)
-        self.groups = [
-            ShardedParamGroupStore([self.params[i] for i in idx], idx) for idx in by_kind.values()
-        ]
-        self.location = [None] * len(self.params)
-        for g in self.groups:
-            for pos, i in enumerate(g.indices):
-                self.location[i] = (g, pos)
-
-    def prepare_out(self, snapshot) -> bool:
-        if all(s is None for s in snapshot):
-            return False
-        for i, prev in enumerate(snapshot):
-            g, pos = self.location[i]
-            seg = g.out[g.segment(pos)]
-            if prev is None:
-                seg.zero_()
-            elif not g.owns_out_view(pos, prev):
-                seg.copy_(_local(prev).reshape(-1))
-        return True
+        params = list(params)
+        self.group = shard_group(params)
+        super().__init__(params)
 
 
 class ReachRecorder:

@@ -144,12 +144,15 @@ def project_simplex(v: Tensor) -> Tensor:
 
 
 def _max_step(s: Tensor, d: Tensor) -> Tensor:
-    """Largest t in (0, 1] with ``s + t d >= 0`` (rowwise over the last dim), for s > 0."""
+    """Largest t in (0, 1] with ``s + t d >= 0`` (rowwise over the last dim), for s > 0.
+
+    ``s`` holds the primal and dual variables side by side, so one call bounds both."""
     return (s / (-d).clamp_min(1e-300)).amin(-1, keepdim=True).clamp(max=1.0)
 
 
-def _chol_solve2(chol: Tensor, rhs: Tensor) -> Tensor:
-    """``(L L^T)^-1 rhs`` for rhs [..., K, R] by two triangular solves (no host check)."""
+def _chol_solve_columns(chol: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` for rhs [..., K, R]: two triangular solves (``cholesky_solve`` may
+    check an info flag on the host with MAGMA; ``solve_triangular`` never does)."""
     y = torch.linalg.solve_triangular(chol, rhs, upper=False)
     return torch.linalg.solve_triangular(chol.mT, y, upper=True)
 
@@ -178,7 +181,7 @@ def _min_norm_ipm(q: Tensor, a: Tensor, iterations: int) -> tuple[Tensor, Tensor
         rd = (q @ x.unsqueeze(-1)).squeeze(-1) - nu * a - z  # stationarity residual
         rp = 1.0 - (a * x).sum(-1, keepdim=True)  # equality residual
         chol, _ = torch.linalg.cholesky_ex(q + torch.diag_embed(zx))
-        sol = _chol_solve2(chol, torch.stack([-rd - z, a], -1))
+        sol = _chol_solve_columns(chol, torch.stack([-rd - z, a], -1))
         p, col = sol[..., 0], sol[..., 1]
         a_col = (a * col).sum(-1, keepdim=True)
         dnu = (rp - (a * p).sum(-1, keepdim=True)) / a_col
@@ -189,7 +192,7 @@ def _min_norm_ipm(q: Tensor, a: Tensor, iterations: int) -> tuple[Tensor, Tensor
         mu_aff = (s_aff[..., :k] * s_aff[..., k:]).sum(-1, keepdim=True) * inv_k
         target = ((mu_aff / mu).clamp(0, 1) ** 3 * mu).clamp_min(1e-14)
         rc = xz + d[..., :k] * d[..., k:] - target
-        p = _chol_solve2(chol, (-rd - rc / x).unsqueeze(-1)).squeeze(-1)
+        p = _chol_solve_columns(chol, (-rd - rc / x).unsqueeze(-1)).squeeze(-1)
         dnu = (rp - (a * p).sum(-1, keepdim=True)) / a_col
         dx = p + dnu * col
         d = torch.cat([dx, -(rc + z * dx) / x], -1)

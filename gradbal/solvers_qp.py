@@ -34,7 +34,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .solvers import EXACT_MAX_K
+from .solvers import EXACT_MAX_K, _chol_solve_columns, _max_step
 
 __all__ = [
     "cagrad_weights",
@@ -264,18 +264,9 @@ def _dual_cone_2(q: Tensor, u: Tensor) -> Tensor:
     return torch.where(ok_none.unsqueeze(-1), u, v)
 
 
-def _max_step(s: Tensor, d: Tensor) -> Tensor:
-    """Largest t in (0, 1] with ``s + t d >= 0`` (rowwise over the last dim), for s > 0.
-
-    ``s`` holds the primal and dual variables side by side, so one call bounds both."""
-    return (s / (-d).clamp_min(1e-300)).amin(-1, keepdim=True).clamp(max=1.0)
-
-
 def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
-    """``(L L^T)^-1 rhs`` for rhs [..., K]: two triangular solves (``cholesky_solve`` may
-    check an info flag on the host with MAGMA; ``solve_triangular`` never does)."""
-    y = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
+    """``(L L^T)^-1 rhs`` for one right-hand side rhs [..., K]."""
+    return _chol_solve_columns(chol, rhs.unsqueeze(-1)).squeeze(-1)
 
 
 #: Primal-dual active-set rounds after the interior point (see :func:`_dual_cone_ipm`).

@@ -117,13 +117,10 @@ class GradDrop(Method):
             # all of it, read at this rank's coordinates. Costs a temporary of the whole size.
             index, numel = coordinates
             stream = torch.empty(numel, dtype=work, device=rows.device)
-            stream.uniform_(0.0, 1.0, generator=generator)
-            noise = stream[index]
-        elif not accumulate and out.dtype == work:
-            noise = out
+            noise = stream.uniform_(0.0, 1.0, generator=generator)[index]
         else:
-            noise = torch.empty(n, dtype=work, device=rows.device)
-        if coordinates is None:
+            reuse_out = not accumulate and out.dtype == work
+            noise = out if reuse_out else torch.empty(n, dtype=work, device=rows.device)
             noise.uniform_(0.0, 1.0, generator=generator)
         leak = None if self._fast else self._leak(rows.device, work)
         if backend is None or backend == "auto":

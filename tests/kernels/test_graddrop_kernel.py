@@ -32,12 +32,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """One torch thread: on a shared 2-core machine OpenMP stalls dominate these small ops."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(single_thread):
+    """One torch thread (the root conftest's fixture): OpenMP stalls dominate these small ops."""
     yield
-    torch.set_num_threads(before)
 
 
 # Every (K, N, dtype) cell would be 60 runs; in this thinner product every K meets every N and
