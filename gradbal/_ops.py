@@ -36,7 +36,8 @@ _CHUNK = 1 << 20
 _PAIRWISE_MAX_K = 4
 # Above it, the CPU pass multiplies cache-sized column blocks (one batched matmul over the
 # blocks of a chunk): BLAS runs a thin [K, 1M] @ [1M, K] product far below memory speed
-# (measured, 1 thread, K = 8, N = 4M: 44 ms as 1M-column chunks, 19 ms as 4096-column blocks).
+# (measured on the 2-core CPU VM, 1 thread, K = 8, N = 4M: 44 ms as 1M-column chunks, 19 ms
+# as 4096-column blocks).
 _CPU_BLOCK = 1 << 12
 # Up to this K the torch combine pass is one fused multiply-add per row; above, one gemv.
 _ROWWISE_MAX_K = 2
@@ -99,7 +100,7 @@ def _fallback(err: Exception) -> None:
         f"gradbal: Triton kernels failed ({type(err).__name__}: {err}); falling back to torch "
         "ops for the rest of this process",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # _fallback, _dispatch, the pass: point at the pass's caller
     )
 
 
@@ -149,13 +150,14 @@ def combine_torch(rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool =
     if rows.dtype in (torch.float32, torch.float64) and out.dtype == rows.dtype:
         w = weights.to(rows.dtype)
         if rows.shape[0] > _ROWWISE_MAX_K:
-            # gemv over rows.T writes ``out`` once (measured, 1 thread, K = 16, N = 1M:
-            # 3.3 ms against 3.8 ms for the row-wise pass, which reads and writes it K times).
+            # gemv over rows.T writes ``out`` once (measured on the 2-core CPU VM, 1 thread,
+            # K = 16, N = 1M: 3.3 ms against 3.8 ms for the row-wise pass, which reads and
+            # writes it K times).
             if accumulate:
                 return out.addmv_(rows.T, w)
             return torch.mv(rows.T, w, out=out)
-        # Few rows: one fused multiply-add per row streams faster than gemv (K = 2, N = 1M:
-        # 0.24 ms against 0.51 ms for ``w @ rows``).
+        # Few rows: one fused multiply-add per row streams faster than gemv (same VM, K = 2,
+        # N = 1M: 0.24 ms against 0.51 ms for ``w @ rows``).
         if not accumulate:
             torch.mul(rows[0], w[0], out=out)
         for k in range(0 if accumulate else 1, rows.shape[0]):
@@ -171,30 +173,30 @@ def combine_torch(rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool =
     return out
 
 
-def gram(rows: Tensor, backend: str = "auto") -> Tensor:
-    """Gram matrix ``[K, K]`` (float64) of the rows of a ``[K, N]`` gradient matrix."""
+def _dispatch(kernel: int, torch_pass, rows: Tensor, backend: str, *args, **kwargs):
+    """Run ``gradbal.kernels``' pass number ``kernel`` (0 gram, 1 combine, 2 graddrop) when
+    ``backend`` resolves to Triton, else ``torch_pass``; same arguments for both. A Triton
+    failure falls back to torch (warning once) under "auto" and raises under "triton"."""
     if resolve_backend(rows, backend) == "triton":
         try:
-            return _triton_ops()[0](rows)
+            return _triton_ops()[kernel](rows, *args, **kwargs)
         except Exception as err:
             if backend == "triton":
                 raise
             _fallback(err)
-    return gram_torch(rows)
+    return torch_pass(rows, *args, **kwargs)
+
+
+def gram(rows: Tensor, backend: str = "auto") -> Tensor:
+    """Gram matrix ``[K, K]`` (float64) of the rows of a ``[K, N]`` gradient matrix."""
+    return _dispatch(0, gram_torch, rows, backend)
 
 
 def combine(
     rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool = False, backend: str = "auto"
 ) -> Tensor:
     """Write ``sum_k weights[k] * rows[k]`` into ``out`` (or add it when ``accumulate``)."""
-    if resolve_backend(rows, backend) == "triton":
-        try:
-            return _triton_ops()[1](rows, weights, out, accumulate=accumulate)
-        except Exception as err:
-            if backend == "triton":
-                raise
-            _fallback(err)
-    return combine_torch(rows, weights, out, accumulate)
+    return _dispatch(1, combine_torch, rows, backend, weights, out, accumulate=accumulate)
 
 
 def graddrop_torch(
@@ -287,11 +289,6 @@ def graddrop(
     """GradDrop's pass: write (or add) the surviving sum of ``rows`` into ``out``, deciding each
     column by its sign purity against ``noise`` (uniforms the caller drew from its seeded
     generator). Both backends give the same bits for the same inputs."""
-    if resolve_backend(rows, backend) == "triton":
-        try:
-            return _triton_ops()[2](rows, noise, out, accumulate=accumulate, leak=leak)
-        except Exception as err:
-            if backend == "triton":
-                raise
-            _fallback(err)
-    return graddrop_torch(rows, noise, out, accumulate, leak)
+    return _dispatch(
+        2, graddrop_torch, rows, backend, noise, out, accumulate=accumulate, leak=leak
+    )
