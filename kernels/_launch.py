@@ -10,7 +10,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "check_rows", "next_pow2", "num_programs"]
+__all__ = ["SUPPORTED_DTYPES", "check_rows", "check_vector", "next_pow2", "num_programs"]
 
 #: Element types of the gradient store the kernels read (they accumulate in fp32).
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,3 +58,18 @@ def check_rows(rows: Tensor, interpreted: bool, what: str) -> None:
             f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
             "gradbal.kernels is imported); use gradbal._ops' torch backend for CPU tensors"
         )
+
+
+def check_vector(t: Tensor, n: int, what: str, dtypes, device, op: str) -> None:
+    """Checks on a 1-D [N] operand of pass ``op`` (``out``, GradDrop's noise): its length,
+    dtype, unit stride and device (metadata only: no host sync)."""
+    if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(
+            f"{op}: {what} must be a 1-D tensor of {n} elements, got {getattr(t, 'shape', t)}"
+        )
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {what} dtype must be one of {dtypes}, got {t.dtype}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{op}: {what} must be contiguous, got stride {t.stride(0)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {what} is on {t.device}, rows on {device}")

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_rows, num_programs
+from ._launch import check_rows, check_vector, num_programs
 
 __all__ = ["combine", "combine_error_bound", "combine_reference"]
 
@@ -162,16 +162,7 @@ _ROW_BYTES_PER_BLOCK = 4096
 
 def _check_out(rows: Tensor, out: Tensor) -> None:
     k, n = rows.shape
-    if not isinstance(out, Tensor) or out.dim() != 1 or out.shape[0] != n:
-        raise ValueError(
-            f"combine: out must be a 1-D tensor of {n} elements, got {getattr(out, 'shape', out)}"
-        )
-    if out.dtype not in OUT_DTYPES:
-        raise TypeError(f"combine: out dtype must be one of {OUT_DTYPES}, got {out.dtype}")
-    if n > 1 and out.stride(0) != 1:
-        raise ValueError(f"combine: out must be contiguous, got stride {out.stride(0)}")
-    if out.device != rows.device:
-        raise ValueError(f"combine: out is on {out.device}, rows on {rows.device}")
+    check_vector(out, n, "out", OUT_DTYPES, rows.device, "combine")
     if n == 0:
         return
     # Overlap with the store is safe only when out *is* a row: same dtype, same columns.

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_rows, num_programs
+from ._launch import check_rows, check_vector, num_programs
 from .combine import _bf16_round_nearest_even
 
 __all__ = [
@@ -248,19 +248,6 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _check_vec(t: Tensor, n: int, what: str, dtypes: tuple[torch.dtype, ...], device) -> None:
-    if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(
-            f"graddrop: {what} must be a 1-D tensor of {n} elements, got {getattr(t, 'shape', t)}"
-        )
-    if t.dtype not in dtypes:
-        raise TypeError(f"graddrop: {what} dtype must be one of {dtypes}, got {t.dtype}")
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"graddrop: {what} must be contiguous, got stride {t.stride(0)}")
-    if t.device != device:
-        raise ValueError(f"graddrop: {what} is on {t.device}, rows on {device}")
-
-
 def graddrop(
     rows: Tensor,
     noise: Tensor,
@@ -277,8 +264,8 @@ def graddrop(
     """
     check_rows(rows, INTERPRETED, "graddrop")
     k, n = rows.shape
-    _check_vec(out, n, "out", OUT_DTYPES, rows.device)
-    _check_vec(noise, n, "noise", (torch.float32,), rows.device)
+    check_vector(out, n, "out", OUT_DTYPES, rows.device, "graddrop")
+    check_vector(noise, n, "noise", (torch.float32,), rows.device, "graddrop")
     if n and _overlap(out, rows):
         raise ValueError("graddrop: out overlaps the rows (it must be a separate buffer)")
     if n and _overlap(noise, rows):
