@@ -87,7 +87,7 @@ class MGDANormalized(Method):
         else:
             scale = torch.ones_like(norms)
         inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)
-        h = g * inv.unsqueeze(0) * inv.unsqueeze(1)
+        h = g * (inv.unsqueeze(-1) * inv)
         pi = min_norm_simplex(h, self.iterations)
         w = pi * inv if self.apply_to == "normalized" else pi
         return w.to(gram.dtype)

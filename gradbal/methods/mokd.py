@@ -93,14 +93,16 @@ class MoKD(Method):
         if losses is None:
             raise ValueError("method 'mokd' needs the loss values; pass losses=[...]")
         if self.log_scale:
-            inv = 1.0 / losses.clamp_min(self.loss_floor)
+            clamped = losses.clamp_min(self.loss_floor)
+            inv = clamped.reciprocal()
+            h = gram * (inv.unsqueeze(-1) * inv)
         else:
             inv = torch.ones_like(losses)
-        h = gram * inv.unsqueeze(0) * inv.unsqueeze(1)
+            h = gram
         pi = min_norm_simplex(h, self.iterations)
         w = pi * inv
         if self.magnitude == "mean_loss" and self.log_scale:
-            w = w * losses.clamp_min(self.loss_floor).mean()
+            w = w * clamped.mean()
         if self.max_norm is not None:
             norm = torch.sqrt((w @ gram @ w).clamp_min(0))
             w = w * torch.clamp(self.max_norm / norm.clamp_min(1e-30), max=1.0)
