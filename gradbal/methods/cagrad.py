@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers_qp import cagrad_weights
+from ..solvers_qp import CAGRAD_ITERATIONS, cagrad_weights
 from ._base import Method
 from ._registry import register_method
 
@@ -23,7 +23,8 @@ class CAGrad(Method):
     ``phi = c ||g_0||``, and then ``d = g_0 + (phi / ||g_w*||) g_w*``, divided by
     ``1 + c^2`` (``rescale=1``), ``1 + c`` (``rescale=2``) or 1 (``rescale=0``). The inner
     problem is solved on the device from G alone (:func:`gradbal.solvers_qp.cagrad_weights`:
-    exact face enumeration for K <= 8, interior point + exact face polish above).
+    closed form for K = 2, exact face enumeration for K <= 8, interior point + exact solves
+    on the faces it ranks above).
 
     With ``c = 0`` CAGrad is the mean gradient. When ``||g_w*||`` is below
     ``norm_eps * sqrt(trace(G))`` the gradients are (nearly) Pareto-stationary and the
@@ -50,7 +51,8 @@ class CAGrad(Method):
     """
 
     def __init__(
-        self, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4, iterations: int = 40
+        self, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4,
+        iterations: int = CAGRAD_ITERATIONS,
     ):
         if not c >= 0:
             raise ValueError(f"c must be >= 0, got {c}")
@@ -65,15 +67,14 @@ class CAGrad(Method):
 
     def weights(self, gram, losses, generator=None):
         k = gram.shape[-1]
-        mean = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
+        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         if self.c == 0:
-            w = mean
+            w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
         else:
             w_opt, r, phi = cagrad_weights(gram, self.c, self.iterations)
-            stationary = r < self.norm_eps
-            lam = phi / torch.where(stationary, torch.ones_like(r), r)
-            w = torch.where(stationary, torch.zeros_like(mean), mean + lam * w_opt)
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+            # Below the threshold the direction is 0; above it r > 0 and phi / r is finite
+            # (where() never lets the unselected branch's inf/NaN through).
+            w = torch.where(r < self.norm_eps, 0.0, (phi / r) * w_opt + 1.0 / k)
         return (w / divisor).to(gram.dtype)
 
     def __repr__(self) -> str:

@@ -285,3 +285,63 @@ def test_fair_weights_k2_opposite_fp32_gradients_are_finite():
     w = fair_weights(g)
     # w_i ~ 1 / ||g_i||: the two gradients enter the direction with equal size (and cancel).
     assert torch.allclose(w[0] * 0.15, w[1] * 0.45, rtol=1e-6)
+
+
+# --------------------------------------------------------- CAGrad: K = 2, stress set
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("c", [0.1, 0.5, 2.0])
+def test_cagrad_k2_closed_form_matches_scipy(seed, c):
+    # Interior optima and both endpoints (conflicting, aligned and unequal-norm pairs).
+    j = rand_jacobian(2, 1 + seed % 4, seed) * torch.tensor([[1.0], [10.0 ** (seed % 3 - 1)]], dtype=F64)
+    g = j @ j.T
+    w, _, _ = cagrad_weights(g, c)
+    w = w.numpy()
+    assert abs(w.sum() - 1) <= 1e-12 and (w >= 0).all()
+    w_ref, f_ref = ref_cagrad(g.numpy(), c)
+    gn = g.numpy() / np.trace(g.numpy())
+    a = gn.mean(-1)
+    ours = a @ w + c * np.sqrt(a.mean()) * np.sqrt(max(w @ gn @ w, 0.0))
+    assert ours <= f_ref + 1e-12 * max(abs(f_ref), 1e-3)
+    assert rel(w, w_ref) <= 1e-5 or ours < f_ref - 1e-12
+
+
+def stress_grams(n: int):
+    """Random, correlated, graded (1-8 decades) and shifted-mean problems, K = 9..16."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        k, seed = int(rng.integers(9, 17)), int(rng.integers(2**30))
+        gen = torch.Generator().manual_seed(seed)
+        kind = i % 4
+        if kind == 0:
+            j = torch.randn(k, 3 * k + 5, generator=gen, dtype=F64)
+        elif kind == 1:
+            j = torch.randn(k, k + 5, generator=gen, dtype=F64)
+            j[1:] += float(rng.uniform(0, 2)) * j[:1]
+        elif kind == 2:
+            j = torch.randn(k, k + 5, generator=gen, dtype=F64)
+            j[1:] += 0.5 * j[:1]
+            dec = float(rng.uniform(1, 8))
+            j = j * torch.logspace(-dec / 2, dec / 2, k, dtype=F64)[torch.randperm(k, generator=gen)].unsqueeze(1)
+        else:
+            j = torch.randn(k, 60, generator=gen, dtype=F64)
+            j = j + float(rng.uniform(0, 1)) * torch.randn(1, 60, generator=gen, dtype=F64)
+        yield j @ j.T, float(rng.choice([0.1, 0.5, 1.0, 2.0]))
+
+
+def test_cagrad_large_stress_set_is_optimal():
+    # K > 8 (interior point + nested faces + active-set rounds) on 40 problems: the exact
+    # first-order conditions hold and the objective is never above a 300-step solve.
+    worst = 0.0
+    for g, c in stress_grams(40):
+        w, _, phi = cagrad_weights(g, c)
+        w_long, _, _ = cagrad_weights(g, c, iterations=300)
+        gn = (g / torch.trace(g)).numpy()
+        a = gn.mean(-1)
+        scale = np.abs(a).max() + float(phi) * np.sqrt(np.diag(gn).max())
+
+        f, f_long = (a @ v + float(phi) * np.sqrt(max(v @ gn @ v, 0.0)) for v in (w.numpy(), w_long.numpy()))
+        worst = max(worst, (f - f_long) / scale)
+        assert cagrad_kkt_gap(g.numpy(), c, w.numpy()) <= 1e-6
+    assert worst <= 1e-12
