@@ -626,26 +626,63 @@ def _phi(w: Tensor, alpha: float) -> Tensor:
     return w**e / e
 
 
+@functools.lru_cache(maxsize=16)
+def _fair_steps(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Line-search fractions [16, 1] of the longest step: 1, 1/2, ..., 2^-14, and 0."""
+    frac = torch.cat([0.5 ** torch.arange(15, dtype=dtype), torch.zeros(1, dtype=dtype)])
+    return frac.unsqueeze(-1).to(device)
+
+
+def _fair_newton(g: Tensor, eye_a: Tensor, w: Tensor, expo: float) -> Tensor:
+    """``-dw``: the Newton step of f at w, negated (``H^-1 grad f``), by Cholesky.
+
+    ``H = G + diag(w^(-1/alpha) / (alpha w))`` is positive definite (G has the ridge).
+    """
+    wp = w.pow(expo)
+    grad = torch.addmv(wp, g, w, beta=-1)  # G w - w^(-1/alpha)
+    chol, _ = torch.linalg.cholesky_ex(torch.addcmul(g, eye_a, wp / w))
+    y = torch.linalg.solve_triangular(chol, grad.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
+
+
 def fair_weights(
-    gram: Tensor, alpha: float = 1.0, iterations: int = 20, ridge: float = 1e-8
+    gram: Tensor, alpha: float = 1.0, iterations: int = 10, ridge: float = 1e-8
 ) -> Tensor:
     r"""Positive solution of ``G w = w^(-1/alpha)`` (elementwise power).
 
     FairGrad (Ban & Ji, ICML 2024) with fairness parameter ``alpha``; ``alpha = 1`` is
     Nash-MTL's bargaining solution ``G w = 1 / w`` (Navon et al., ICML 2022). The solution
     is the unique minimiser of the strictly convex ``f(w) = 1/2 w^T G w - sum_i phi(w_i)``,
-    ``phi'(w) = w^(-1/alpha)``, found by Newton steps, each with a line search that
-    evaluates 16 step lengths at once (no data-dependent loop). Well-conditioned problems
-    converge (residual ~1e-16) in under 10 steps; the rest of the fixed budget serves the
-    degenerate ones. For K = 2 and alpha = 1 the closed form
-    ``w_i = 1 / (||g_i|| sqrt(1 + cos(g_1, g_2)))`` is used.
+    ``phi'(w) = w^(-1/alpha)``, found by ``iterations`` damped Newton steps and one final
+    undamped one (no data-dependent loop).
+
+    Start: the exact answer for orthogonal gradients, ``w_i = G_ii^(-alpha/(1+alpha))``,
+    times the scalar c minimising ``f(c w)``
+    (``c^(1+1/alpha) = sum_i w_i^(1-1/alpha) / w^T G w``), which puts the start on the
+    right scale when the gradients conflict. Each damped step evaluates f at 16 step lengths
+    at once, ``t_max 2^-i`` (i < 15) and 0, where ``t_max`` is 0.99 of the largest step keeping
+    ``w > 0``, capped at 16: steps longer than Newton's let a weight that has to grow by
+    orders of magnitude (a gradient that (nearly) cancels with others) grow 17x per step
+    instead of 2x. The step minimising f is kept. Near the solution the values of f at the
+    candidates differ by less than its rounding error, so the choice among them is noise at
+    the ~1e-8 level; the final full Newton step (kept inside ``w > 0``) then brings
+    well-conditioned problems to ~1e-15.
+
+    Measured (tests/methods/test_solvers_qp.py ``stress_set``: K in 2..16, alpha in
+    {0.25, 0.5, 1, 2, 5}, random, rank-deficient, mixed-scale (12 decades), conflicting,
+    opposite / equal / zero rows, nearly opposite pairs, against a 80-step reference): with
+    the default 10 steps well-conditioned problems agree with scipy to ~1e-15, and fewer of
+    the degenerate problems are left unconverged (backward error above 1e-10) than by the
+    former 20 steps with 16 fractions of the Newton step only (74 against 227 of 1400).
+    ``iterations`` buys more accuracy on those.
 
     G is divided by ``s = trace(G) / K`` first and the answer multiplied back by
     ``s^(-alpha / (1 + alpha))`` (the exact scaling law), and ``ridge * I`` is added to the
     normalised matrix so a solution exists when G is singular with a positive null vector
     (opposite gradients) or a zero row: such weights then grow towards
     ``ridge^(-alpha/(1+alpha))`` (1e4 for alpha = 1) instead of diverging, and multiply
-    gradients whose combination is zero.
+    gradients whose combination is zero. For K = 2 and alpha = 1 the closed form
+    ``w_i = 1 / (||g_i|| sqrt(1 + cos(g_1, g_2)))`` is used.
 
     Returns w [K] float64, positive and finite.
     """
@@ -655,7 +692,8 @@ def fair_weights(
     k = g.shape[-1]
     scale = g.diagonal(dim1=-2, dim2=-1).sum(-1) / k
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    g = g / scale + ridge * _eye_like(g)
+    eye = _eye_like(g)
+    g = g / scale + ridge * eye
     out_scale = scale ** (-alpha / (1 + alpha))
     if k == 2 and alpha == 1.0:
         n = g.diagonal().sqrt()
@@ -664,18 +702,28 @@ def fair_weights(
         # ridge: for (nearly) opposite gradients 1 + cos would go negative (NaN weights).
         return out_scale / (n * torch.sqrt((1 + cos).clamp_min(ridge)))
     expo = -1.0 / alpha
-    # Start from the exact answer for orthogonal gradients: G_ii w_i = w_i^(-1/alpha).
-    w = g.diagonal().clamp_min(ridge) ** (-alpha / (1 + alpha))
-    # Step lengths tried at once; the last one (0) keeps w when no step decreases f.
-    steps = torch.cat([0.5 ** torch.arange(15, dtype=g.dtype, device=g.device), torch.zeros(1, dtype=g.dtype, device=g.device)])
+    p = alpha / (1 + alpha)
+    e = 1.0 - 1.0 / alpha
+    # Orthogonal-gradient answer G_ii w_i = w_i^(-1/alpha) (diagonal >= ridge), then scaled.
+    w = g.diagonal().pow(-p)
+    quad = torch.dot(torch.mv(g, w), w)
+    w = w * ((w.pow(e).sum() if alpha != 1.0 else float(k)) / quad).pow(p)
+    eye_a = eye / alpha
+    half_g = 0.5 * g
+    frac = _fair_steps(g.dtype, g.device)
     for _ in range(iterations):
-        wp = w**expo
-        grad = g @ w - wp
-        dw = _solve(g + torch.diag(wp / (alpha * w)), -grad)
-        # Largest step keeping w > 0 (capped at 1), then 0.99 of it when it binds.
-        t_bound = 1.0 / (-dw / w).amax().clamp_min(1.0)
-        t_max = torch.where(t_bound >= 1.0, t_bound, 0.99 * t_bound)
-        cand = w + (t_max * steps).unsqueeze(-1) * dw  # [16, K], all > 0
-        vals = 0.5 * ((cand @ g) * cand).sum(-1) - _phi(cand, alpha).sum(-1)
+        neg_dw = _fair_newton(g, eye_a, w, expo)
+        # 1 / t_max = max(1/16, max_i (-dw_i / w_i) / 0.99): all 16 candidates are > 0.
+        t_max = (neg_dw / w).amax().mul(1 / 0.99).clamp_min(1 / 16).reciprocal()
+        cand = torch.addcmul(w, frac * -t_max, neg_dw)  # [16, K]
+        quad = ((cand @ half_g) * cand).sum(-1)
+        if alpha == 1.0:
+            vals = quad - cand.log().sum(-1)
+        else:
+            vals = torch.sub(quad, cand.pow(e).sum(-1), alpha=1 / e)
         w = _pick(cand, torch.nan_to_num(vals, nan=float("inf")))
+    # Final undamped Newton step (at most 0.99 of the way to the boundary w = 0).
+    neg_dw = _fair_newton(g, eye_a, w, expo)
+    t = (neg_dw / w).amax().mul(1 / 0.99).clamp_min(1.0).reciprocal()
+    w = w - t * neg_dw
     return w * out_scale

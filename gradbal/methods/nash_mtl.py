@@ -27,9 +27,9 @@ class NashMTL(Method):
     convex ``1/2 alpha^T G alpha - sum_k log alpha_k``; gradbal solves that problem on the
     device by damped Newton steps (each a convex quadratic model, solved exactly) with a
     batched line search, a fixed ``iterations`` count and no host sync
-    (:func:`gradbal.solvers_qp.fair_weights` with alpha = 1). It converges to about 1e-8
+    (:func:`gradbal.solvers_qp.fair_weights` with alpha = 1). It converges to ~1e-15
     where the official solver may stop early: from a fresh start TorchJD 0.18's ``NashMTL``
-    agrees with gradbal to ~1e-8, but warm-started from the previous call (its default) its
+    agrees with gradbal to ~1e-8 (its tolerance), but warm-started from the previous call (its default) its
     CCP can stop far from ``G alpha = 1/alpha`` (75% off on a second random matrix in
     gradbal's tests).
 
@@ -54,7 +54,7 @@ class NashMTL(Method):
 
     stateful = True
 
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = 20):
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = 10):
         if not max_norm >= 0:
             raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
         if int(update_weights_every) < 1:

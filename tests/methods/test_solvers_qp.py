@@ -345,3 +345,65 @@ def test_cagrad_large_stress_set_is_optimal():
         worst = max(worst, (f - f_long) / scale)
         assert cagrad_kkt_gap(g.numpy(), c, w.numpy()) <= 1e-6
     assert worst <= 1e-12
+
+
+def stress_set(seed: int = 0) -> list[torch.Tensor]:
+    """Gram matrices that are hard for fair_weights: rank-deficient, norms over 12 decades,
+    all gradients +-u plus small noise, opposite / zero / equal rows, nearly opposite pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k in (3, 5, 8, 16):
+        for kind in range(8):
+            j = torch.randn(k, 2 * k + 3, generator=gen, dtype=F64)
+            if kind == 1:
+                j = j[:, : max(1, k // 2)]
+            elif kind == 2:
+                j = j * 10 ** (12 * torch.rand(k, 1, generator=gen, dtype=F64) - 6)
+            elif kind == 3:
+                sign = torch.where(torch.rand(k, 1, generator=gen) < 0.5, -1.0, 1.0).to(F64)
+                j = sign * j[:1] + 1e-3 * j
+            elif kind == 4:
+                j[1] = -j[0]
+            elif kind == 5:
+                j[1] = 0
+            elif kind == 6:
+                j[-1] = j[0]
+            elif kind == 7:
+                j[1] = -j[0] + 1e-6 * j[1]
+            out.append(j @ j.T)
+    return out
+
+
+def _backward_error(g, w, alpha):
+    """max_i |(G w)_i - w_i^(-1/alpha)| / ((|G| w)_i + w_i^(-1/alpha)) on fair_weights' own
+    normalised, ridged problem (it is scale invariant: trace(G) / K = 1)."""
+    k = g.shape[0]
+    s = torch.trace(g) / k
+    gn = g / s + 1e-8 * torch.eye(k, dtype=F64)
+    u = w * s ** (alpha / (1 + alpha))
+    t = u ** (-1 / alpha)
+    return float(((gn @ u - t).abs() / (gn.abs() @ u + t)).max())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_fair_weights_stress_set(alpha):
+    # Well-conditioned problems: converged to rounding (backward error 1e-13) and equal to
+    # scipy's answer to 1e-7 (the ridge 1e-8 moves the solution by ~1e-8); hard ones: finite,
+    # positive, and all but a few converged (backward error 1e-10) within the default steps.
+    for seed in range(3):
+        g = well_conditioned(6, seed=seed)
+        w = fair_weights(g, alpha)
+        gn = g.numpy()
+        ref = least_squares(
+            lambda x, gn=gn: gn @ x - np.power(1 / x, 1 / alpha), np.ones(6) / 6,
+            bounds=(1e-12, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15,
+        ).x
+        assert rel(w, ref) <= 1e-7
+        assert _backward_error(g, w, alpha) <= 1e-13
+    errors = []
+    for g in stress_set():
+        w = fair_weights(g, alpha)
+        assert torch.isfinite(w).all() and (w > 0).all()
+        errors.append(_backward_error(g, w, alpha))
+    assert sum(e > 1e-10 for e in errors) <= len(errors) // 8, sorted(errors)[-8:]
+    assert max(errors) <= 0.2
