@@ -220,6 +220,12 @@ def _eye(k: int, device: torch.device) -> Tensor:
     return torch.eye(k, dtype=torch.float64, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _scalars(device: torch.device) -> tuple[Tensor, Tensor]:
+    """0-d float64 (0, 1): ``torch.where`` with a Python scalar builds a tensor every call."""
+    return torch.zeros((), dtype=torch.float64, device=device), torch.ones((), dtype=torch.float64, device=device)
+
+
 def _free_solve(q: Tensor, u: Tensor, free: Tensor, fixed: Tensor, both_free: Tensor) -> Tensor:
     """``v`` with ``v_i = u_i`` off the free set F and ``q_FF v_F = -q_FB u_B`` on it.
 
@@ -284,7 +290,8 @@ def _dual_cone_2(q: Tensor, u: Tensor) -> Tensor:
     tol = u.abs().amax(-1, keepdim=True) * -1e-12
     valid = torch.addcmul(lam.flip(-1), q.flip(-1).diagonal(), x) >= tol
     e0, e1 = _eye(2, q.device)
-    both_free_or_1 = torch.addcmul(u, x, e1) * valid[:, 1:]  # v = 0 when neither is valid
+    zero, _ = _scalars(q.device)
+    both_free_or_1 = torch.where(valid[:, 1:], torch.addcmul(u, x, e1), zero)  # v = 0: neither valid
     return torch.where(valid[:, :1], torch.addcmul(u, x, e0), both_free_or_1)
 
 
@@ -402,25 +409,30 @@ def project_dual_cone(
     k = gram.shape[-1]
     # Non-finite entries read as 0; the symmetrisation and the trace normalisation share one
     # scaling (a zero or negative trace counts as 1).
-    g = torch.nan_to_num(gram.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    # (dtype checks in Python: a no-op ``.to`` still costs a dispatch of this ~50-op solve.)
+    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
     tr = torch.trace(g)
-    tr = torch.where(tr > 0, tr, 1.0)
+    tr = torch.where(tr > 0, tr, _scalars(g.device)[1])
     q = (g + g.mT) * (0.5 / tr)
     if norm_eps > 0:
         q = q * (tr >= norm_eps)
     q.diagonal().add_(reg_eps + _RIDGE)
     batch = u.shape[:-1]
-    uu = u.to(torch.float64).reshape(-1, k)
+    uu = (u if u.dtype == torch.float64 else u.to(torch.float64)).reshape(-1, k)
     if k == 2:
-        return _dual_cone_2(q, uu).reshape(*batch, k)
-    if k <= EXACT_MAX_K:
+        v = _dual_cone_2(q, uu)
+    elif k <= EXACT_MAX_K:
         v = _dual_cone_enumerate(q, uu)
     else:
         # Unit diagonal (v = D v'): the interior point then starts well scaled whatever the
         # spread of gradient norms.
         dsc = q.diagonal().rsqrt()
         v = dsc * _dual_cone_ipm(q * dsc.unsqueeze(0) * dsc.unsqueeze(1), uu / dsc, iterations)
-    # Rounding (and the checks' tolerances) may leave v a hair below u: clip to feasible.
+    # Rounding (and the checks' tolerances) may leave v a hair below u: clip to feasible. A
+    # Gram matrix that is not positive semi-definite (garbage in: the problem is unbounded)
+    # may give an infeasible or non-finite v; it reads as 0 here, so v stays finite.
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     return torch.maximum(v, uu).reshape(*batch, k)
 
 

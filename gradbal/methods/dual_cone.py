@@ -22,6 +22,10 @@ def _check(norm_eps: float, reg_eps: float) -> None:
         raise ValueError(f"reg_eps must be >= 0, got {reg_eps}")
 
 
+def _as(w: Tensor, gram: Tensor) -> Tensor:
+    return w if w.dtype == gram.dtype else w.to(gram.dtype)
+
+
 class _DualConeMethod(Method):
     """What UPGrad and DualProj share: options, checks, and the projection of the rows of
     ``u`` (built from the preference vector p by :meth:`_targets`) onto the dual cone."""
@@ -107,7 +111,7 @@ class UPGrad(_DualConeMethod):
         return torch.diag(p)  # one projection per gradient, g_i scaled by p_i
 
     def weights(self, gram, losses, generator=None):
-        return self._project(gram).sum(0).to(gram.dtype)
+        return _as(self._project(gram).sum(0), gram)
 
 
 @register_method("dualproj")
@@ -134,4 +138,4 @@ class DualProj(_DualConeMethod):
         return p  # one projection: of the p-weighted sum of the gradients
 
     def weights(self, gram, losses, generator=None):
-        return self._project(gram).to(gram.dtype)
+        return _as(self._project(gram), gram)

@@ -201,6 +201,28 @@ def test_dual_cone_small_k_any_sign_of_u(k, case):
     assert ((v - u) * lam).abs().max() <= 1e-8 * (1 + v.abs().max()) ** 2
 
 
+
+@pytest.mark.parametrize("k", [2, 4, 9, 16])
+@pytest.mark.parametrize("case", ["nan", "inf", "negative", "indefinite", "huge", "tiny"])
+def test_dual_cone_finite_and_feasible_on_garbage(k, case):
+    # Not a Gram matrix (or one at the ends of float64): the problem may be unbounded, but
+    # the result stays finite and >= u.
+    j = rand_jacobian(k, k + 3, seed=k)
+    g = {
+        "nan": torch.full((k, k), float("nan"), dtype=F64),
+        "inf": torch.full((k, k), float("inf"), dtype=F64),
+        "negative": -torch.eye(k, dtype=F64),
+        "indefinite": torch.ones(k, k, dtype=F64) - 2 * torch.eye(k, dtype=F64),
+        "huge": (j * 1e150) @ (j * 1e150).T,
+        "tiny": (j * 1e-150) @ (j * 1e-150).T,
+    }[case]
+    u = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(k), dtype=F64)
+    v = project_dual_cone(g, u)
+    assert v.shape == u.shape
+    assert torch.isfinite(v).all()
+    assert (v >= u).all()
+
+
 # ------------------------------------------------------------------------- CAGrad
 
 
