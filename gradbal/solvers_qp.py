@@ -11,9 +11,10 @@ input (rank-deficient, zero rows, equal or opposite rows, mixed scales).
   batched cyclic Jacobi method with a fixed number of sweeps runs instead
   (:func:`jacobi_eigh`).
 * :func:`project_dual_cone`: the weights of the projection of ``J^T u`` onto the dual cone of
-  the rows of J, ``argmin_{v >= u} v^T G v`` (UPGrad, DualProj), batched over u. Exact support
-  enumeration for K <= ``EXACT_MAX_K``; above, a primal-dual interior-point method with a
-  fixed number of Mehrotra steps, then an exact solve on the active set it found.
+  the rows of J, ``argmin_{v >= u} v^T G v`` (UPGrad, DualProj), batched over u. A closed
+  form for K = 2; exact support enumeration for K <= ``EXACT_MAX_K``; above, a primal-dual
+  interior-point method with a fixed number of Mehrotra steps, then exact active-set rounds
+  from the support it found.
 * :func:`cagrad_weights`: CAGrad's inner problem
   ``argmin_{w in simplex} w^T G b + phi sqrt(w^T G w)``. Exact face enumeration (each face
   has a closed form) for K <= ``EXACT_MAX_K``; above, an interior-point method then the
@@ -374,7 +375,7 @@ def _dual_cone_ipm(q: Tensor, u: Tensor, iterations: int, rounds: int = DUAL_CON
     # the interior point's own key is that bound, so it is the fallback.
     bound = ((ipm @ q) * ipm).sum(-1, keepdim=True) * (1 + 1e-9) + 1e-15
     key = torch.cat([_kkt_key(q, u.unsqueeze(-1), cands[..., :-1], torch.stack(frees, -1)), bound], -1)
-    key = torch.where(key <= bound, key, float("inf"))
+    key = key.masked_fill(key > bound, float("inf"))
     best = key.argmin(-1).view(-1, 1, 1).expand(-1, k, 1)
     return cands.gather(-1, best).squeeze(-1)
 
@@ -400,8 +401,9 @@ def project_dual_cone(
         norm_eps: when ``trace(G) < norm_eps``, G is replaced by 0 (as TorchJD does with its
             default 1e-4, which turns UPGrad into the mean for small gradients). Default 0:
             the projection stays scale invariant and only a zero G gives ``v = u``.
-        iterations: interior-point steps when K > ``EXACT_MAX_K`` (followed by
-            ``DUAL_CONE_ROUNDS`` exact active-set rounds).
+        iterations: interior-point steps when K > ``EXACT_MAX_K`` (default
+            ``DUAL_CONE_STEPS`` = 9, followed by ``DUAL_CONE_ROUNDS`` = 6 exact active-set
+            rounds; see :func:`_dual_cone_ipm` for how they were chosen).
 
     Returns:
         v [..., K] (float64), finite for any input.
