@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..solvers_qp import project_dual_cone
+from ..solvers_qp import DUAL_CONE_STEPS, project_dual_cone
 from ._base import Method
 from ._common import PrefVector
 from ._registry import register_method
@@ -22,6 +22,10 @@ def _check(norm_eps: float, reg_eps: float) -> None:
         raise ValueError(f"reg_eps must be >= 0, got {reg_eps}")
 
 
+def _as(w: Tensor, gram: Tensor) -> Tensor:
+    return w if w.dtype == gram.dtype else w.to(gram.dtype)
+
+
 class _DualConeMethod(Method):
     """What UPGrad and DualProj share: options, checks, and the projection of the rows of
     ``u`` (built from the preference vector p by :meth:`_targets`) onto the dual cone."""
@@ -31,13 +35,16 @@ class _DualConeMethod(Method):
         pref_vector: Sequence[float] | Tensor | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 1e-4,
-        iterations: int = 15,
+        iterations: int = DUAL_CONE_STEPS,
     ):
         _check(norm_eps, reg_eps)
         self.pref = PrefVector(pref_vector, default="mean")
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
         self.iterations = int(iterations)
+        # u per (K, device, dtype): the preference vector is fixed, so the targets are built
+        # once rather than on every call (a few small ops of a ~50-op K = 2 projection).
+        self._u: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     def check_num_objectives(self, k: int) -> None:
         self.pref.check(k, self.name)
@@ -48,7 +55,10 @@ class _DualConeMethod(Method):
     def _project(self, gram: Tensor) -> Tensor:
         k = gram.shape[-1]
         self.check_num_objectives(k)
-        u = self._targets(self.pref.get(k, gram))
+        key = (k, gram.device, gram.dtype)
+        u = self._u.get(key)
+        if u is None:
+            u = self._u[key] = self._targets(self.pref.get(k, gram)).to(torch.float64)
         return project_dual_cone(gram, u, self.reg_eps, self.norm_eps, self.iterations)
 
     def __repr__(self) -> str:
@@ -85,7 +95,7 @@ class UPGrad(_DualConeMethod):
         pref_vector: K weights combining the projections (default ``1/K`` each).
         norm_eps: see above (default 0).
         reg_eps: ridge on the trace-normalised Gram matrix (default 1e-4, TorchJD's).
-        iterations: interior-point steps for K > 8.
+        iterations: interior-point steps for K > 8 (default ``DUAL_CONE_STEPS`` = 9).
 
     Example:
         >>> import torch, gradbal
@@ -101,7 +111,7 @@ class UPGrad(_DualConeMethod):
         return torch.diag(p)  # one projection per gradient, g_i scaled by p_i
 
     def weights(self, gram, losses, generator=None):
-        return self._project(gram).sum(0).to(gram.dtype)
+        return _as(self._project(gram).sum(0), gram)
 
 
 @register_method("dualproj")
@@ -128,4 +138,4 @@ class DualProj(_DualConeMethod):
         return p  # one projection: of the p-weighted sum of the gradients
 
     def weights(self, gram, losses, generator=None):
-        return self._project(gram).to(gram.dtype)
+        return _as(self._project(gram), gram)
