@@ -3,8 +3,9 @@
 ``time_ms`` runs ``fn`` ``warmup`` times untimed, then ``reps`` timed times and returns the
 per-call milliseconds: CUDA events around each call on a GPU (optionally with the L2 cache
 flushed before every repetition, so a memory-bound op reads from HBM each time), perf_counter
-on CPU. ``quantiles`` turns them into (median, p20, p80). ``host_syncs`` says whether a CUDA
-call synchronised with the host.
+on CPU. ``interleaved_ms`` times several functions round-robin (for ratios). ``quantiles`` turns
+times into (median, p20, p80). ``host_syncs`` says whether a CUDA call synchronised with the
+host.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Timer", "host_syncs", "quantiles", "time_ms"]
+__all__ = ["Timer", "host_syncs", "interleaved_ms", "quantiles", "time_ms"]
 
 # Larger than any current L2 (H100: 50 MB, H200: 60 MB).
 _FLUSH_BYTES = 256 * 2**20
@@ -54,6 +55,23 @@ def time_ms(
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def interleaved_ms(
+    fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int
+) -> list[list[float]]:
+    """Per-call milliseconds of each of ``fns``, timed round-robin (``fns[0]``, ``fns[1]``,
+    ..., then again ``reps`` times) after ``warmup`` untimed calls of each: a ratio of two
+    timings taken minutes apart carries the drift of a shared machine's load, one of
+    timings taken side by side does not."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, acc in zip(fns, times):
+            acc += time_ms(fn, device, 1, 0)
     return times
 
 

@@ -17,8 +17,12 @@ It prints, per method, the ratio ``aggregate / floor`` (target: <= 1.2 for Gram-
 methods) and ``torchjd / gradbal`` (> 1: gradbal is faster), and writes every row
 (median / p20 / p80 ms) to a CSV file.
 
-Timing (benchmarks/_timing.py): CUDA events (after a warm-up) on a GPU, perf_counter on CPU. Stateful methods keep
-one instance across repetitions, as in training. ``--threads`` sets torch's CPU threads for
+Timing (benchmarks/_timing.py): CUDA events (after a warm-up) on a GPU, perf_counter on CPU.
+Each method is timed round-robin with the floor (and TorchJD's aggregator with the method),
+so each ratio compares timings taken side by side; the floor row is the median over all of
+them. ``aggregate`` writes into a preallocated ``out=`` buffer, as the floor does (and as the
+optimizer writes into its store). Stateful methods keep one instance across repetitions, as
+in training. ``--threads`` sets torch's CPU threads for
 the whole run (default: torch's own); on a shared machine ``--threads 1`` avoids OpenMP
 stalls on the tiny K x K ops.
 
@@ -32,16 +36,17 @@ import argparse
 import csv
 import os
 import platform
+import statistics
 import sys
 import warnings
 
 import torch
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_aggregate
-    from _timing import quantiles
+    from _timing import interleaved_ms, quantiles
     from _timing import time_ms as timer
 except ImportError:
-    from ._timing import quantiles
+    from ._timing import interleaved_ms, quantiles
     from ._timing import time_ms as timer
 
 FIELDS = [
@@ -92,29 +97,33 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
         _ops.gram(rows)
         return _ops.combine(rows, w_fixed, out)
 
-    f_med, f20, f80 = quantiles(timer(floor, device, args.reps, args.warmup))
     gram = _ops.gram(rows)
     base = {"device": str(device), "threads": torch.get_num_threads(), "K": k, "N": n}
-    result = [{**base, "method": "floor", "provider": "gradbal", "median_ms": f_med, "p20_ms": f20,
-               "p80_ms": f80, "weights_ms": 0.0, "ratio_to_floor": 1.0, "torchjd_over_gradbal": ""}]
+    floor_times: list[float] = []
+    result = []
     for name in methods:
         m = get_method(name, **method_options(name, k))
         g = torch.Generator().manual_seed(1)
         gram_arg = gram if m.requires_task_gradients else None
 
         def step(m=m, g=g):
-            return gradbal.aggregate(rows, m, losses=losses, generator=g, validate=False)
+            # Into a preallocated output, as the floor and the optimizer's store write.
+            return gradbal.aggregate(rows, m, losses=losses, generator=g, validate=False, out=out)
 
         def weights_only(m=m, g=g, gram_arg=gram_arg):
             return m.weights(gram_arg, losses, g)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            med, p20, p80 = quantiles(timer(step, device, args.reps, args.warmup))
+            # The floor is timed side by side with each method, so that each ratio compares
+            # timings taken under the same machine load.
+            f_times, s_times = interleaved_ms([floor, step], device, args.reps, args.warmup)
             w_med, _, _ = quantiles(timer(weights_only, device, max(args.reps, 5), 1))
+        floor_times += f_times
+        med, p20, p80 = quantiles(s_times)
         row = {**base, "method": name, "provider": "gradbal", "median_ms": med, "p20_ms": p20,
-               "p80_ms": p80, "weights_ms": w_med, "ratio_to_floor": med / f_med,
-               "torchjd_over_gradbal": ""}
+               "p80_ms": p80, "weights_ms": w_med,
+               "ratio_to_floor": med / statistics.median(f_times), "torchjd_over_gradbal": ""}
         result.append(row)
         if tjd is not None and name in TORCHJD and not args.no_torchjd:
             try:
@@ -125,14 +134,21 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
             if agg is not None:
                 with warnings.catch_warnings(), torch.no_grad():
                     warnings.simplefilter("ignore")
-                    t_med, t20, t80 = quantiles(timer(lambda agg=agg: agg(rows), device, args.peer_reps, 1))
-                row["torchjd_over_gradbal"] = t_med / med
+                    ours, theirs = interleaved_ms(
+                        [step, lambda agg=agg: agg(rows)], device, args.peer_reps, 1
+                    )
+                t_med, t20, t80 = quantiles(theirs)
+                row["torchjd_over_gradbal"] = t_med / statistics.median(ours)
                 result.append({**base, "method": name, "provider": "torchjd", "median_ms": t_med,
                                "p20_ms": t20, "p80_ms": t80, "weights_ms": "",
-                               "ratio_to_floor": t_med / f_med, "torchjd_over_gradbal": t_med / med})
+                               "ratio_to_floor": "", "torchjd_over_gradbal": row["torchjd_over_gradbal"]})
         peer = row["torchjd_over_gradbal"]
-        print(f"K={k:2d} N={n:.0e} {name:15s} {med:9.2f} ms  x{med / f_med:5.2f} floor"
+        print(f"K={k:2d} N={n:.0e} {name:15s} {med:9.2f} ms  x{row['ratio_to_floor']:5.2f} floor"
               + (f"  torchjd x{peer:.2f}" if peer != "" else ""), file=sys.stderr, flush=True)
+    f_med, f20, f80 = quantiles(floor_times)
+    result.insert(0, {**base, "method": "floor", "provider": "gradbal", "median_ms": f_med,
+                      "p20_ms": f20, "p80_ms": f80, "weights_ms": 0.0, "ratio_to_floor": 1.0,
+                      "torchjd_over_gradbal": ""})
     return result
 
 

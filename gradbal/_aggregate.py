@@ -23,6 +23,7 @@ def aggregate(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     validate: bool = True,
+    out: Tensor | None = None,
     **method_options: Any,
 ) -> Tensor:
     """Balanced direction ``d = sum_k w_k g_k`` of the rows of ``grads``.
@@ -41,10 +42,14 @@ def aggregate(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`gradbal._ops`).
         validate: check the loss values' signs for log-scaling methods; this reads them on
             the host (a sync on GPU). ``False`` makes the call sync-free.
+        out: optional [N] tensor (``grads``' dtype and device, not overlapping ``grads``)
+            to write the result into, as torch's ``out=`` arguments: a training loop that
+            calls ``aggregate`` every step then allocates nothing N-sized (a fresh
+            multi-megabyte buffer costs page faults on every first write).
         **method_options: options of the named method.
 
     Returns:
-        [N] tensor with ``grads``' dtype and device.
+        [N] tensor with ``grads``' dtype and device (``out`` when given).
     """
     if not isinstance(grads, Tensor) or grads.ndim != 2 or not grads.is_floating_point():
         raise ValueError(
@@ -70,7 +75,10 @@ def aggregate(
     elif m.requires_losses:
         raise ValueError(f"method {m.name!r} needs the loss values: pass losses=[...]")
     rows = grads.contiguous()
-    out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    if out is None:
+        out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    else:
+        _check_out(out, rows)
     if m.elementwise:
         # Its own pass over the rows, with noise made on their device from ``generator``.
         device_gen = device_generator(draw_seed(generator), rows.device)
@@ -85,3 +93,23 @@ def aggregate(
             loss_values = torch.full((k,), float("nan"), dtype=torch.float64, device=rows.device)
     weights = m.weights(gram, loss_values, generator)
     return _ops.combine(rows, weights, out, backend=backend)
+
+
+def _check_out(out: Tensor, rows: Tensor) -> None:
+    """``out`` must be a [N] tensor of the rows' dtype and device that shares no memory
+    with them (the combine pass reads every row while it writes ``out``)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    n = rows.shape[1]
+    if out.shape != (n,) or out.dtype != rows.dtype or out.device != rows.device:
+        raise ValueError(
+            f"out must be a [{n}] tensor of dtype {rows.dtype} on {rows.device} (like one row "
+            f"of grads); got shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous; pass out.contiguous() and copy back")
+    # Both are contiguous here: compare their byte ranges (another part of the same
+    # storage, such as a spare row of a [K + 1, N] buffer, is fine).
+    start, other = out.data_ptr(), rows.data_ptr()
+    if n and start < other + rows.numel() * rows.element_size() and other < start + n * out.element_size():
+        raise ValueError("out shares memory with grads; pass a separate buffer")

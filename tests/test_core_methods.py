@@ -192,3 +192,39 @@ def test_pcgrad_order_follows_generator():
     a = gradbal.aggregate(rows, "pcgrad", generator=torch.Generator().manual_seed(5))
     b = gradbal.aggregate(rows, "pcgrad", generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["mokd", "pcgrad", "gradvac", "graddrop", "mean"])
+def test_aggregate_out_writes_the_same_result(method):
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 11, generator=gen)
+    losses = [1.0, 0.5, 2.0]
+    ref = gradbal.aggregate(g, method, losses=losses, generator=torch.Generator().manual_seed(1))
+    buf = torch.full((4, 11), float("nan"))  # a spare row of a larger buffer is fine
+    buf[:3] = g
+    got = gradbal.aggregate(
+        buf[:3], method, losses=losses, generator=torch.Generator().manual_seed(1), out=buf[3]
+    )
+    assert got.data_ptr() == buf[3].data_ptr()
+    torch.testing.assert_close(buf[3], ref, rtol=0, atol=0)
+
+
+def test_aggregate_bad_out_is_refused_and_changes_nothing():
+    g = torch.randn(3, 5, dtype=torch.float64)
+    method = gradbal.get_method("gradvac")  # stateful: its targets must not move
+    gradbal.aggregate(g, method, generator=torch.Generator().manual_seed(0))
+    state = method.state_dict()["target"].clone()
+    bad = {
+        "shape": torch.zeros(4, dtype=torch.float64),
+        "dtype": torch.zeros(5, dtype=torch.float32),
+        "contiguous": torch.zeros(10, dtype=torch.float64)[::2],
+        "shares memory": g[1],
+    }
+    for problem, out in bad.items():
+        before = out.clone()
+        with pytest.raises(ValueError, match=problem.split()[0]):
+            gradbal.aggregate(g, method, generator=torch.Generator().manual_seed(1), out=out)
+        torch.testing.assert_close(out, before, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(method.state_dict()["target"], state, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="out must be a tensor"):
+        gradbal.aggregate(g, "mean", out=[0.0] * 5)
