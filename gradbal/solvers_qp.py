@@ -169,23 +169,28 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     a = a / scale
     v = eye.clone()
+    one = torch.ones((), dtype=a.dtype, device=a.device)
     for _ in range(sweeps):
         for partner, sign, perm in _round_robin(k, a.device, a.dtype):
             # Every index i of a pair (p, q) computes that pair's rotation (twice the work of
-            # per-pair bookkeeping, but only elementwise ops on [..., K] vectors).
+            # per-pair bookkeeping, but only elementwise ops on [..., K] vectors; ~26 ops per
+            # round, each a kernel launch on a GPU).
             diag = a.diagonal(dim1=-2, dim2=-1)
-            apq = (a * perm).sum(-1)  # a[i, partner(i)], 0 when unpaired
-            # Both members of a pair must build the same rotation: average a_pq and a_qp
-            # (R^T A R is symmetric only to rounding), and flush values far below the
-            # normalised scale (denormals make every later op slow).
-            apq = 0.5 * (apq + apq[..., partner])
-            zero = apq.abs() < 1e-150
-            tau = sign * (diag[..., partner] - diag) / (2 * torch.where(zero, torch.ones_like(apq), apq))
-            t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.hypot(torch.ones_like(tau), tau))
-            t = torch.where(zero, torch.zeros_like(t), t)
-            c = torch.rsqrt(1 + t * t)
-            r = torch.diag_embed(c) + (sign * t * c).unsqueeze(-1) * perm
-            a = r.transpose(-1, -2) @ a @ r
+            # a[i, partner(i)] + a[partner(i), i]: both members of a pair must build the same
+            # rotation, and R^T A R is symmetric only to rounding. 0 when unpaired.
+            apq2 = ((a + a.mT) * perm).sum(-1)
+            # "+ 0.0" turns -0.0 into +0.0: both members of a pair with equal diagonal
+            # entries (tau = 0 and -0) must rotate the same way.
+            tau = (sign * (diag[..., partner] - diag) / apq2).add_(0.0)
+            # t = sign(tau) / (|tau| + sqrt(1 + tau^2)), the smaller root. An unpaired index
+            # or a pair already zero gives 0/0 = NaN -> t = 0; a tiny a_pq gives |tau| (or
+            # tau^2) = inf -> t = 0, so no denormal rotation reaches the matrices.
+            t = torch.copysign(
+                (tau.abs() + torch.addcmul(one, tau, tau).sqrt_()).reciprocal_(), tau
+            ).nan_to_num_(nan=0.0)
+            c = torch.addcmul(one, t, t).rsqrt_()
+            r = torch.addcmul(torch.diag_embed(c), (sign * t * c).unsqueeze(-1), perm)
+            a = r.mT @ a @ r
             v = v @ r
         a = torch.where(a.abs() < 1e-200, torch.zeros_like(a), a)
     evals = a.diagonal(dim1=-2, dim2=-1)
