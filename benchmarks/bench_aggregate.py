@@ -18,7 +18,8 @@ methods) and ``torchjd / gradbal`` (> 1: gradbal is faster), and writes every ro
 (median / p20 / p80 ms) to a CSV file.
 
 Timing (benchmarks/_timing.py): CUDA events (after a warm-up) on a GPU, perf_counter on CPU.
-Each method is timed round-robin with the floor (and TorchJD's aggregator with the method),
+Each method is timed round-robin with the floor and its K x K part (and TorchJD's aggregator
+with the method),
 so each ratio compares timings taken side by side; the floor row is the median over all of
 them. ``aggregate`` writes into a preallocated ``out=`` buffer, as the floor does (and as the
 optimizer writes into its store). Stateful methods keep one instance across repetitions, as
@@ -44,10 +45,8 @@ import torch
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_aggregate
     from _timing import interleaved_ms, quantiles
-    from _timing import time_ms as timer
 except ImportError:
     from ._timing import interleaved_ms, quantiles
-    from ._timing import time_ms as timer
 
 FIELDS = [
     "device", "threads", "K", "N", "method", "provider", "median_ms", "p20_ms", "p80_ms",
@@ -117,8 +116,10 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
             warnings.simplefilter("ignore")
             # The floor is timed side by side with each method, so that each ratio compares
             # timings taken under the same machine load.
-            f_times, s_times = interleaved_ms([floor, step], device, args.reps, args.warmup)
-            w_med, _, _ = quantiles(timer(weights_only, device, max(args.reps, 5), 1))
+            f_times, s_times, w_times = interleaved_ms(
+                [floor, step, weights_only], device, args.reps, args.warmup
+            )
+        w_med = statistics.median(w_times)
         floor_times += f_times
         med, p20, p80 = quantiles(s_times)
         row = {**base, "method": name, "provider": "gradbal", "median_ms": med, "p20_ms": p20,
