@@ -70,9 +70,9 @@ CAGRAD_ROUNDS = 6
 
 def _sym(gram: Tensor) -> Tensor:
     """Symmetrised float64 copy with non-finite entries replaced by 0 (never an exception)."""
-    g = gram.to(torch.float64)
-    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-    return (g + g.transpose(-1, -2)) / 2
+    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return (g + g.mT).mul_(0.5)
 
 
 def _trace_normalise(gram: Tensor) -> tuple[Tensor, Tensor]:
