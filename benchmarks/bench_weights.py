@@ -1,0 +1,115 @@
+"""The K x K stage alone: every Gram-based method's ``Method.weights`` on a K x K Gram matrix.
+
+Between the two passes over memory only K x K work runs, as small tensor ops. On a CPU each
+small op costs ~1-2 us whatever its size and on a GPU each is a kernel launch, so the number
+of ops is the cost. Per method and K this prints (and writes to CSV):
+
+* ``ops``: top-level aten ops of one call (torch.profiler events whose parent is not an aten
+  op: what Python dispatches; a GPU launches about one kernel per op);
+* ``median_us`` / ``p20_us`` / ``p80_us``: wall time of one call, ``--reps`` calls in a loop
+  after a warm-up (warm caches: the same call right after the passes runs slower, see
+  bench_aggregate.py's K x K column).
+
+The Gram matrix is ``J J^T`` of a random float64 J [K, 1000] (seeded); stateful methods keep
+one instance across calls, as in training.
+
+    python benchmarks/bench_weights.py --threads 1
+    python benchmarks/bench_weights.py --ks 16 --methods upgrad cagrad --csv weights.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import torch
+from torch.profiler import profile
+
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_weights
+    from _timing import quantiles, time_ms
+except ImportError:
+    from ._timing import quantiles, time_ms
+
+FIELDS = ["device", "threads", "K", "method", "ops", "median_us", "p20_us", "p80_us"]
+
+
+def count_ops(fn) -> int:
+    """Top-level aten ops dispatched by one call of ``fn``."""
+    with profile() as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def run(args) -> list[dict]:
+    import gradbal
+
+    device = torch.device(args.device)
+    names = args.methods or [
+        m for m in gradbal.available_methods()
+        if m != "weighted" and gradbal.get_method(m).needs_gram and not gradbal.get_method(m).elementwise
+    ]
+    rows = []
+    for k in args.ks:
+        gen = torch.Generator().manual_seed(k)
+        j = torch.randn(k, 1000, generator=gen, dtype=torch.float64)
+        gram = (j @ j.T).to(device)
+        losses = (torch.rand(k, generator=gen, dtype=torch.float64) + 0.5).to(device)
+        for name in names:
+            method = gradbal.get_method(name)
+            g = torch.Generator().manual_seed(0)
+
+            def call(method=method, g=g, gram=gram, losses=losses):
+                return method.weights(gram, losses, g)
+
+            call()
+            ops = count_ops(call)
+            med, p20, p80 = quantiles(time_ms(call, device, args.reps, 3))
+            rows.append({"device": str(device), "threads": torch.get_num_threads(), "K": k,
+                         "method": name, "ops": ops, "median_us": med * 1e3,
+                         "p20_us": p20 * 1e3, "p80_us": p80 * 1e3})
+            print(f"K={k:2d} {name:12s} {ops:6d} ops {med * 1e3:9.1f} us", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    ks = sorted({r["K"] for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    print("\nMethod.weights: top-level ops / median us")
+    print(f"{'':14s}" + "".join(f"{'K=' + str(k):>16s}" for k in ks))
+    for name in names:
+        cells = []
+        for k in ks:
+            hit = [r for r in rows if r["K"] == k and r["method"] == name]
+            cells.append(f"{hit[0]['ops']:>7d} / {hit[0]['median_us']:6.0f}" if hit else f"{'-':>16s}")
+        print(f"{name:14s}" + "".join(f"{c:>16s}" for c in cells))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--methods", nargs="+", default=None, help="default: every Gram-based method")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--csv", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    print_table(rows)
+    if args.csv:
+        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
