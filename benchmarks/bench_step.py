@@ -36,6 +36,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_step
+    from _timing import quantiles
+except ImportError:
+    from ._timing import quantiles
+
 PROVIDERS = ["plain", "floor", "gradbal-mokd", "gradbal-pcgrad", "gradbal-mgda", "two-grad", "torchjd-upgrad", "torchjd-mgda"]
 
 
@@ -236,15 +241,14 @@ def main():
     print("-" * len(header))
     table = []
     for r in rows:
-        q = statistics.quantiles(r["times"], n=5)
-        med = statistics.median(r["times"])
+        med, p20, p80 = quantiles(r["times"])
         share = 100 * r["balance_ms"] / med if "balance_ms" in r else None
-        table.append({"provider": r["provider"], "median_ms": med, "p20_ms": q[0], "p80_ms": q[3],
+        table.append({"provider": r["provider"], "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                       "ratio_to_plain": med / base, "peak_mib": r["peak_mib"],
                       "balance_pct": share, "device": args.device, "device_name": device_name,
                       "batch": args.batch, "size": args.size, "threads": args.threads,
                       "torch": torch.__version__})
-        print(f"{r['provider']:<16} {med:>10.1f} {q[0]:>8.1f} {q[3]:>8.1f} {med / base:>8.2f} "
+        print(f"{r['provider']:<16} {med:>10.1f} {p20:>8.1f} {p80:>8.1f} {med / base:>8.2f} "
               f"{r['peak_mib']:>9.0f} {'' if share is None else f'{share:.1f}':>9}")
     if args.csv:
         import os
