@@ -737,42 +737,40 @@ def cagrad_weights(
 # ------------------------------------------------------------------- FairGrad / Nash
 
 
-def _phi(w: Tensor, alpha: float) -> Tensor:
-    if alpha == 1.0:
-        return torch.log(w)
-    e = 1.0 - 1.0 / alpha
-    return w**e / e
-
-
-@functools.lru_cache(maxsize=16)
-def _fair_steps(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Line-search fractions [16, 1] of the longest step: 1, 1/2, ..., 2^-14, and 0."""
+@functools.lru_cache(maxsize=32)
+def _fair_consts(
+    k: int, alpha: float, ridge: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``ridge * I``, ``I / alpha`` and the line-search fractions ``-0.99 * [1, 1/2, ...,
+    2^-14, 0]`` as a row [1, 16] (constants: no ops per call). Never modified in place."""
+    eye = torch.eye(k, dtype=dtype)
     frac = torch.cat([0.5 ** torch.arange(15, dtype=dtype), torch.zeros(1, dtype=dtype)])
-    return frac.unsqueeze(-1).to(device)
+    return (eye * ridge).to(device), (eye / alpha).to(device), (frac * -0.99).unsqueeze(0).to(device)
 
 
 def _fair_newton(g: Tensor, eye_a: Tensor, w: Tensor, expo: float) -> Tensor:
-    """``-dw``: the Newton step of f at w, negated (``H^-1 grad f``), by Cholesky.
+    """``-dw`` for a column w [K, 1]: the Newton step of f at w, negated (``H^-1 grad f``).
 
     ``H = G + diag(w^(-1/alpha) / (alpha w))`` is positive definite (G has the ridge).
+    Six ops: the column layout needs no unsqueeze / squeeze, ``cholesky_solve`` does both
+    triangular solves.
     """
     wp = w.pow(expo)
-    grad = torch.addmv(wp, g, w, beta=-1)  # G w - w^(-1/alpha)
+    grad = torch.addmm(wp, g, w, beta=-1)  # G w - w^(-1/alpha)
     chol, _ = torch.linalg.cholesky_ex(torch.addcmul(g, eye_a, wp / w))
-    y = torch.linalg.solve_triangular(chol, grad.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
+    return torch.cholesky_solve(grad, chol)
 
 
 def fair_weights(
-    gram: Tensor, alpha: float = 1.0, iterations: int = 10, ridge: float = 1e-8
+    gram: Tensor, alpha: float = 1.0, iterations: int = 8, ridge: float = 1e-8, newton: int = 4
 ) -> Tensor:
     r"""Positive solution of ``G w = w^(-1/alpha)`` (elementwise power).
 
     FairGrad (Ban & Ji, ICML 2024) with fairness parameter ``alpha``; ``alpha = 1`` is
     Nash-MTL's bargaining solution ``G w = 1 / w`` (Navon et al., ICML 2022). The solution
     is the unique minimiser of the strictly convex ``f(w) = 1/2 w^T G w - sum_i phi(w_i)``,
-    ``phi'(w) = w^(-1/alpha)``, found by ``iterations`` damped Newton steps and one final
-    undamped one (no data-dependent loop).
+    ``phi'(w) = w^(-1/alpha)``, found by ``iterations`` damped Newton steps and then
+    ``newton`` undamped ones (no data-dependent loop).
 
     Start: the exact answer for orthogonal gradients, ``w_i = G_ii^(-alpha/(1+alpha))``,
     times the scalar c minimising ``f(c w)``
@@ -783,16 +781,24 @@ def fair_weights(
     orders of magnitude (a gradient that (nearly) cancels with others) grow 17x per step
     instead of 2x. The step minimising f is kept. Near the solution the values of f at the
     candidates differ by less than its rounding error, so the choice among them is noise at
-    the ~1e-8 level; the final full Newton step (kept inside ``w > 0``) then brings
-    well-conditioned problems to ~1e-15.
+    the ~1e-8 level; the undamped steps (each weight kept above 1/100 of its value: positive)
+    then converge quadratically, to ~1e-15 on well-conditioned problems.
 
-    Measured (tests/methods/test_solvers_qp.py ``stress_set``: K in 2..16, alpha in
-    {0.25, 0.5, 1, 2, 5}, random, rank-deficient, mixed-scale (12 decades), conflicting,
-    opposite / equal / zero rows, nearly opposite pairs, against a 80-step reference): with
-    the default 10 steps well-conditioned problems agree with scipy to ~1e-15, and fewer of
-    the degenerate problems are left unconverged (backward error above 1e-10) than by the
-    former 20 steps with 16 fractions of the Newton step only (74 against 227 of 1400).
-    ``iterations`` buys more accuracy on those.
+    Measured (2-core CPU VM, 1 thread; 2240 degenerate and 560 well-conditioned problems:
+    K = 3..16, alpha in {0.25, 0.5, 1, 2, 5}; rank-deficient, rank 2, mixed-scale (12
+    decades), conflicting, opposite / equal / zero rows, nearly opposite pairs, and random
+    rows; against the former solver run with 200 steps): the default 8 damped + 4 undamped
+    steps reach a worst relative error of 1.6e-15 on the well-conditioned problems and leave
+    107 degenerate problems unconverged (backward error above 1e-10), against 193 for the
+    former 10 damped + 1 undamped steps (1.3e-15 well-conditioned); 8 + 3: 181, 9 + 2 (with
+    a common step length): 165, 10 + 4: 15, 7 + 4: 289; a common step length instead of
+    the per-weight floor changes nothing measurable. Fewer damped steps do not converge: 4 +
+    5 misses 1e-5 on well-conditioned problems (the undamped steps start outside Newton's
+    region) and leaves ~900 degenerate ones, as does moving along ``w exp(t dw / w)``
+    instead. Cost at K = 3..16: 215 top-level aten ops for alpha = 1 (former: 334), each
+    damped step 20 and each undamped one 9; medians of 40 interleaved calls, K = 4: 1.37 ->
+    0.98 ms, K = 16: 1.39 -> 1.01 ms (a loaded machine). ``iterations`` buys more accuracy on the
+    degenerate problems (10 + 4: 255 ops).
 
     G is divided by ``s = trace(G) / K`` first and the answer multiplied back by
     ``s^(-alpha / (1 + alpha))`` (the exact scaling law), and ``ridge * I`` is added to the
@@ -806,13 +812,16 @@ def fair_weights(
     """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    g = _sym(gram)
-    k = g.shape[-1]
-    scale = g.diagonal(dim1=-2, dim2=-1).sum(-1) / k
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    eye = _eye_like(g)
-    g = g / scale + ridge * eye
-    out_scale = scale ** (-alpha / (1 + alpha))
+    g0 = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    g0 = torch.nan_to_num(g0, nan=0.0, posinf=0.0, neginf=0.0)
+    k = g0.shape[-1]
+    ridge_eye, eye_a, frac = _fair_consts(k, float(alpha), float(ridge), g0.dtype, g0.device)
+    # trace(G) equals that of the symmetrised G; a zero matrix keeps s = 1.
+    tr = g0.trace()
+    s = torch.where(tr > 0, tr / k, 1.0)
+    g = torch.add(ridge_eye, torch.add(g0, g0.mT).div_(s), alpha=0.5)  # sym(G) / s + ridge I
+    p = alpha / (1 + alpha)
+    out_scale = s.pow(-p)
     if k == 2 and alpha == 1.0:
         n = g.diagonal().sqrt()
         cos = g[0, 1] / (n[0] * n[1])
@@ -820,28 +829,28 @@ def fair_weights(
         # ridge: for (nearly) opposite gradients 1 + cos would go negative (NaN weights).
         return out_scale / (n * torch.sqrt((1 + cos).clamp_min(ridge)))
     expo = -1.0 / alpha
-    p = alpha / (1 + alpha)
     e = 1.0 - 1.0 / alpha
     # Orthogonal-gradient answer G_ii w_i = w_i^(-1/alpha) (diagonal >= ridge), then scaled.
-    w = g.diagonal().pow(-p)
-    quad = torch.dot(torch.mv(g, w), w)
-    w = w * ((w.pow(e).sum() if alpha != 1.0 else float(k)) / quad).pow(p)
-    eye_a = eye / alpha
-    half_g = 0.5 * g
-    frac = _fair_steps(g.dtype, g.device)
+    w0 = g.diagonal().pow(-p)
+    if alpha == 1.0:  # c = (K / w^T G w)^(1/2)
+        c = torch.dot(torch.addmv(w0, g, w0, beta=0, alpha=1.0 / k), w0).pow(-p)
+    else:
+        c = (w0.pow(e).sum() / torch.dot(torch.mv(g, w0), w0)).pow(p)
+    w = w0.unsqueeze(1) * c  # a column [K, 1] from here on
     for _ in range(iterations):
         neg_dw = _fair_newton(g, eye_a, w, expo)
-        # 1 / t_max = max(1/16, max_i (-dw_i / w_i) / 0.99): all 16 candidates are > 0.
-        t_max = (neg_dw / w).amax().mul(1 / 0.99).clamp_min(1 / 16).reciprocal()
-        cand = torch.addcmul(w, frac * -t_max, neg_dw)  # [16, K]
-        quad = ((cand @ half_g) * cand).sum(-1)
+        # t_max = 0.99 / max(1 / 16, max_i (-dw_i / w_i)): all 16 candidates are > 0.
+        m = (neg_dw / w).amax().clamp_min(0.99 / 16)
+        cand = torch.addcmul(w, neg_dw, frac / m)  # [K, 16]
+        # 2 f at each candidate (the factor 2 leaves the argmin as it is).
+        quad = ((g @ cand) * cand).sum(0)
         if alpha == 1.0:
-            vals = quad - cand.log().sum(-1)
+            vals = torch.sub(quad, cand.log().sum(0), alpha=2.0)
         else:
-            vals = torch.sub(quad, cand.pow(e).sum(-1), alpha=1 / e)
-        w = _pick(cand, torch.nan_to_num(vals, nan=float("inf")))
-    # Final undamped Newton step (at most 0.99 of the way to the boundary w = 0).
-    neg_dw = _fair_newton(g, eye_a, w, expo)
-    t = (neg_dw / w).amax().mul(1 / 0.99).clamp_min(1.0).reciprocal()
-    w = w - t * neg_dw
-    return w * out_scale
+            vals = torch.sub(quad, cand.pow(e).sum(0), alpha=2.0 / e)
+        # argmin without reading it on the host (index_select by a 1-element tensor).
+        w = cand.index_select(1, torch.nan_to_num(vals, nan=float("inf")).argmin(0, keepdim=True))
+    for _ in range(newton):
+        # Undamped Newton step, each weight kept at >= 1/100 of its value (positive).
+        w = torch.sub(w, _fair_newton(g, eye_a, w, expo)).maximum(w * 0.01)
+    return (w * out_scale).view(k)
