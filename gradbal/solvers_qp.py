@@ -737,6 +737,12 @@ def cagrad_weights(
 # ------------------------------------------------------------------- FairGrad / Nash
 
 
+#: fair_weights' damped Newton steps (each with a 16-point line search) and the undamped
+#: ones after them (see fair_weights for how they were chosen).
+FAIR_STEPS = 8
+FAIR_NEWTON_STEPS = 4
+
+
 @functools.lru_cache(maxsize=32)
 def _fair_consts(
     k: int, alpha: float, ridge: float, dtype: torch.dtype, device: torch.device
@@ -752,17 +758,21 @@ def _fair_newton(g: Tensor, eye_a: Tensor, w: Tensor, expo: float) -> Tensor:
     """``-dw`` for a column w [K, 1]: the Newton step of f at w, negated (``H^-1 grad f``).
 
     ``H = G + diag(w^(-1/alpha) / (alpha w))`` is positive definite (G has the ridge).
-    Six ops: the column layout needs no unsqueeze / squeeze, ``cholesky_solve`` does both
-    triangular solves.
+    Seven ops: the column layout needs no unsqueeze / squeeze; two triangular solves rather
+    than ``cholesky_solve``, which may read an info flag on the host (MAGMA) on a GPU.
     """
     wp = w.pow(expo)
     grad = torch.addmm(wp, g, w, beta=-1)  # G w - w^(-1/alpha)
     chol, _ = torch.linalg.cholesky_ex(torch.addcmul(g, eye_a, wp / w))
-    return torch.cholesky_solve(grad, chol)
+    return _chol_solve_columns(chol, grad)
 
 
 def fair_weights(
-    gram: Tensor, alpha: float = 1.0, iterations: int = 8, ridge: float = 1e-8, newton: int = 4
+    gram: Tensor,
+    alpha: float = 1.0,
+    iterations: int = FAIR_STEPS,
+    ridge: float = 1e-8,
+    newton: int = FAIR_NEWTON_STEPS,
 ) -> Tensor:
     r"""Positive solution of ``G w = w^(-1/alpha)`` (elementwise power).
 
@@ -795,10 +805,12 @@ def fair_weights(
     the per-weight floor changes nothing measurable. Fewer damped steps do not converge: 4 +
     5 misses 1e-5 on well-conditioned problems (the undamped steps start outside Newton's
     region) and leaves ~900 degenerate ones, as does moving along ``w exp(t dw / w)``
-    instead. Cost at K = 3..16: 215 top-level aten ops for alpha = 1 (former: 334), each
-    damped step 20 and each undamped one 9; medians of 40 interleaved calls, K = 4: 1.37 ->
-    0.98 ms, K = 16: 1.39 -> 1.01 ms (a loaded machine). ``iterations`` buys more accuracy on the
-    degenerate problems (10 + 4: 255 ops).
+    instead. Cost at K = 3..16: 215 top-level aten ops for alpha = 1 (former: 334) with
+    ``cholesky_solve`` in each Newton step, 240 with the two triangular solves used now
+    (``python benchmarks/bench_weights.py --threads 1 --methods fairgrad nash_mtl``: ~0.6-0.8
+    ms against ~0.75-0.85 ms before); medians of 40 interleaved calls with
+    ``cholesky_solve``, K = 4: 1.37 -> 0.98 ms, K = 16: 1.39 -> 1.01 ms (a loaded machine).
+    ``iterations`` buys more accuracy on the degenerate problems (10 + 4: ~40 ops more).
 
     G is divided by ``s = trace(G) / K`` first and the answer multiplied back by
     ``s^(-alpha / (1 + alpha))`` (the exact scaling law), and ``ridge * I`` is added to the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers_qp import fair_weights
+from ..solvers_qp import FAIR_STEPS, fair_weights
 from ._base import Method
 from ._registry import register_method
 
@@ -35,7 +35,7 @@ class FairGrad(Method):
         tensor([1.0000, 0.7937])
     """
 
-    def __init__(self, alpha: float = 1.0, iterations: int = 10):
+    def __init__(self, alpha: float = 1.0, iterations: int = FAIR_STEPS):
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..solvers_qp import fair_weights
+from ..solvers_qp import FAIR_STEPS, fair_weights
 from ._base import Method
 from ._registry import register_method
 
@@ -54,7 +54,7 @@ class NashMTL(Method):
 
     stateful = True
 
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = 10):
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, iterations: int = FAIR_STEPS):
         if not max_norm >= 0:
             raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
         if int(update_weights_every) < 1:
