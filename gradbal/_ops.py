@@ -32,8 +32,11 @@ BACKENDS = ("auto", "torch", "triton")
 # product (they are summed in float64) and the temporary upcast copy for bf16/fp16 rows.
 _CHUNK = 1 << 20
 
-# Up to this K the CPU Gram pass uses one dot product per pair instead of a matmul.
-_PAIRWISE_MAX_K = 4
+# Up to this K the CPU Gram pass uses one dot product per pair instead of a matmul
+# (measured on the 2-core CPU VM, 1 thread, N = 1M / 4M / 11M: K = 3 pairs 0.79 / 5.2 / 12.6 ms
+# against blocks 1.20 / 6.6 / 16.5; K = 4 pairs 1.07 / 7.1 / 19.4 against blocks
+# 1.09 / 5.9 / 15.8).
+_PAIRWISE_MAX_K = 3
 # Above it, the CPU pass multiplies cache-sized column blocks (one batched matmul over the
 # blocks of a chunk): BLAS runs a thin [K, 1M] @ [1M, K] product far below memory speed
 # (measured on the 2-core CPU VM, 1 thread, K = 8, N = 4M: 44 ms as 1M-column chunks, 19 ms
@@ -109,8 +112,9 @@ def gram_torch(rows: Tensor) -> Tensor:
     products computed in fp32 (fp64 for fp64 rows)."""
     k, n = rows.shape
     acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
-    # On CPUs, BLAS gemm with an inner dimension of K <= 4 runs far below memory speed while
-    # one dot product per pair streams (measured: 3 dots 4 ms vs gemm 10 ms for K=2, N=11M).
+    # On CPUs, for K <= _PAIRWISE_MAX_K one dot product per pair streams faster than BLAS
+    # gemm, which runs such thin products far below memory speed (measured: 3 dots 4 ms vs
+    # gemm 10 ms for K=2, N=11M), and faster than the blocked matmul (see _PAIRWISE_MAX_K).
     pairwise = rows.device.type == "cpu" and k <= _PAIRWISE_MAX_K
     pairs = [(i, j) for i in range(k) for j in range(i, k)]  # row-major upper triangle
     upper = torch.triu_indices(k, k, device=rows.device) if pairwise else None
