@@ -112,6 +112,62 @@ def test_imtl_g_equal_projections_on_unit_gradients(k):
     assert torch.isclose(w.sum(), torch.tensor(1.0, dtype=F64))
 
 
+def _imtl_pairs(count, seed=0):
+    """2 x 2 Gram matrices: random, parallel, opposite, nearly opposite (inside and around the
+    rank cut), one or two zero gradients, norms 12 decades apart."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        j = torch.randn(2, 1 + i % 5, generator=gen, dtype=F64)
+        kind = i % 8
+        noise = torch.randn(j.shape[1], generator=gen, dtype=F64)
+        if kind == 1:
+            j[1] = 3 * j[0]
+        elif kind == 2:
+            j[1] = -0.5 * j[0]
+        elif kind == 3:
+            j[0] = 0
+        elif kind == 4:
+            j.zero_()
+        elif kind in (5, 7):
+            j[1] = -2 * j[0] + (1e-5 if kind == 5 else 1e-3) * noise
+        elif kind == 6:
+            j = j * torch.tensor([[1e-6], [1e6]], dtype=F64)
+        out.append(j @ j.T)
+    return out
+
+
+def test_imtl_g_k2_closed_form_matches_the_eigendecomposition():
+    from gradbal.methods.imtl import _imtl_g, _imtl_g_2
+
+    for g in _imtl_pairs(400):
+        torch.testing.assert_close(_imtl_g_2(g), _imtl_g(g), rtol=0, atol=1e-9)
+        w = _imtl_g_2(g)
+        n = g.diagonal().sqrt()
+        if (n > 0).all() and w.abs().sum() > 0:  # the paper's formula: w ~ 1 / ||g_k||
+            torch.testing.assert_close(w, n.flip(0) / n.sum(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_imtl_g_nearly_opposite_gradients_give_no_noise_weights(k, seed):
+    """g_2 = -2 g_1 + 1e-5 noise: the rank cut drops C's direction [1, -1, ...] of that pair's
+    sum, so the answer must be that of exactly opposite gradients (K = 2: weights 0, where
+    the rounding noise of C^+ 1, normalised by its own sum, used to give w = (2, -1), a step
+    of 4 g_1)."""
+    from gradbal.methods.imtl import _imtl_g
+
+    gen = torch.Generator().manual_seed(10 * k + seed)
+    j = torch.randn(k, 6, generator=gen, dtype=F64)
+    exact = j.clone()
+    exact[1] = -2 * exact[0]
+    j[1] = exact[1] + 1e-5 * torch.randn(6, generator=gen, dtype=F64)
+    w, w_exact = _imtl_g(j @ j.T), _imtl_g(exact @ exact.T)
+    torch.testing.assert_close(w, w_exact, rtol=0, atol=1e-4)  # the 1e-5 noise moves it O(1e-5)
+    if k == 2:
+        assert torch.equal(w, torch.zeros(2, dtype=F64))
+
+
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("mode", ["min", "median", "rmse"])
 def test_aligned_mtl_system_is_orthogonal_with_equal_singular_values(k, mode):
