@@ -44,6 +44,7 @@ __all__ = [
     "jacobi_eigh",
     "project_dual_cone",
     "sym_eig",
+    "unit_gram_pinv",
 ]
 
 # Relative ridge that makes the small linear systems solvable on rank-deficient Gram
@@ -228,6 +229,30 @@ def rank_mask(evals: Tensor, rtol: float | None = None) -> Tensor:
         rtol = k * torch.finfo(torch.float32).eps
     top = evals.amax(dim=-1, keepdim=True)
     return (evals > top * rtol) & (top > 0)
+
+
+def unit_gram_pinv(gram: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``a = D^-1 C^+ rhs`` for the unit Gram matrix ``C = D^-1 G D^-1``, ``D = diag(||g_k||)``
+    (a zero gradient has a zero row and column in C and ``a_k = 0``): the coefficients of
+    ``x = sum_k a_k g_k`` with ``<x, g_k / ||g_k||> = rhs_k`` in the least-squares, min-norm
+    sense (IMTL-G, ConFIG).
+
+    ``C^+`` keeps the eigenvalues :func:`rank_mask` counts in the rank. Returns ``(a, ok)``;
+    ``ok`` is False where ``rhs`` is orthogonal to the kept eigenvectors (to 1e-9 of its
+    norm): ``C^+ rhs`` is then 0 and the computed one only rounding noise (nearly opposite
+    gradients, whose common direction the rank cut drops), which a caller that normalises
+    ``a`` must not blow up.
+    """
+    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    norms = g.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    inv_n = norms.reciprocal().nan_to_num_(nan=0.0, posinf=0.0)  # 0 for a zero gradient
+    evals, evecs = sym_eig(g * (inv_n.unsqueeze(-1) * inv_n.unsqueeze(-2)))
+    keep = rank_mask(evals)
+    proj = torch.where(keep, (rhs.unsqueeze(-2) @ evecs).squeeze(-2), 0.0)
+    ok = (proj * proj).sum(-1) > 1e-18 * (rhs * rhs).sum(-1)
+    inv = torch.where(keep, evals.reciprocal(), 0.0)
+    a = inv_n * (evecs @ (inv * proj).unsqueeze(-1)).squeeze(-1)
+    return a, ok
 
 
 # --------------------------------------------------------------- dual-cone projection

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..solvers_qp import rank_mask, sym_eig
+from ..solvers_qp import unit_gram_pinv
 from ._base import Method
 from ._common import PrefVector
 from ._registry import register_method
@@ -31,7 +31,10 @@ class ConFIG(Method):
     ``K * eps(float32) * lambda_max`` (:func:`gradbal.solvers_qp.rank_mask`). TorchJD takes
     ``pinv`` of the materialised [K, N] unit matrix, whose default cut-off is
     ``max(K, N) * eps`` on singular values: for large N it also drops moderately small
-    components, so results can differ on nearly dependent gradients.
+    components, so results can differ on nearly dependent gradients. When ``p`` is orthogonal
+    to the kept eigenvectors (nearly opposite gradients, whose common direction the cut
+    drops) ``C^+ p`` is 0, so ``x = 0`` and ``d = 0``, as for exactly opposite gradients
+    (:func:`gradbal.solvers_qp.unit_gram_pinv`).
 
     Defaults: ``pref_vector`` = ones (official code and TorchJD).
 
@@ -52,17 +55,10 @@ class ConFIG(Method):
         k = gram.shape[-1]
         self.check_num_objectives(k)
         g = gram.to(torch.float64)
-        norms = torch.sqrt(g.diagonal().clamp_min(0))
-        inv_n = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        unit = g * inv_n.unsqueeze(-1) * inv_n.unsqueeze(-2)
-        evals, evecs = sym_eig(unit)
-        keep = rank_mask(evals)
-        inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-        p = self.pref.get(k, g)
-        a = inv_n * (evecs @ (inv * (evecs.transpose(-1, -2) @ p)))
+        a, found = unit_gram_pinv(g, self.pref.get(k, g))
         ga = g @ a
         sq = (a * ga).sum()
-        ok = sq > 0
+        ok = found & (sq > 0)
         w = torch.where(ok, a * ga.sum() / torch.where(ok, sq, torch.ones_like(sq)), torch.zeros_like(a))
         return w.to(gram.dtype)
 

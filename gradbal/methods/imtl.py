@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers_qp import rank_mask, sym_eig
+from ..solvers_qp import unit_gram_pinv
 from ._base import Method
 from ._registry import register_method
 
@@ -24,7 +24,7 @@ class IMTLG(Method):
 
     TorchJD computes ``G^+ n`` (``n_k = ||g_k||``), the same weights whenever G has full
     numerical rank. gradbal takes the pseudo-inverse of the cosine matrix instead
-    (:func:`gradbal.solvers_qp.sym_eig`; eigenvalues below ``K * eps(float32)`` of the largest
+    (:func:`gradbal.solvers_qp.unit_gram_pinv`; eigenvalues below ``K * eps(float32)`` of the largest
     dropped, ``torch.linalg.pinv``'s cut-off on a float32 matrix): rank decisions then
     depend on the angles only, so the direction is invariant to each objective's scale,
     as the paper intends. On ``G`` itself, a gradient ``sqrt(K eps) ~ 1e-3`` times smaller
@@ -52,23 +52,10 @@ class IMTLG(Method):
 
 def _imtl_g(g: torch.Tensor) -> torch.Tensor:
     """Any K: ``w = D^-1 C^+ 1 / (1^T D^-1 C^+ 1)`` through the eigendecomposition of C."""
-    norms = torch.sqrt(g.diagonal().clamp_min(0))
-    inv_n = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-    cos = g * inv_n.unsqueeze(-1) * inv_n.unsqueeze(-2)
-    evals, evecs = sym_eig(cos)
-    keep = rank_mask(evals)
-    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-    # The part of 1 in the kept eigenspace. When 1 is orthogonal to it (opposite or nearly
-    # opposite gradients, whose [1, 1] direction the rank cut drops), C^+ 1 is 0 and only
-    # rounding noise of size eps would remain: normalised by its own (noise) sum it would
-    # give weights of any size. Such a C^+ 1 counts as 0.
-    proj = torch.where(keep, evecs.transpose(-1, -2) @ torch.ones_like(norms), 0.0)
-    k = g.shape[-1]
-    ok = (proj * proj).sum(-1, keepdim=True) > 1e-18 * k
-    v = inv_n * (evecs @ (inv * proj))
+    v, ok = unit_gram_pinv(g, torch.ones_like(g[..., 0]))
     total = v.sum(-1, keepdim=True)
-    ok = ok & (total.abs() > 1e-9 * v.abs().sum(-1, keepdim=True))
-    return torch.where(ok, v / torch.where(ok, total, torch.ones_like(total)), torch.zeros_like(v))
+    ok = ok.unsqueeze(-1) & (total.abs() > 1e-9 * v.abs().sum(-1, keepdim=True))
+    return torch.where(ok, v / torch.where(ok, total, torch.ones_like(total)), 0.0)
 
 
 def _imtl_g_2(g: torch.Tensor) -> torch.Tensor:
@@ -77,7 +64,7 @@ def _imtl_g_2(g: torch.Tensor) -> torch.Tensor:
 
     With both gradients nonzero, ``C = [[1, c], [c, 1]]`` has the eigenvalues ``1 + c`` (vector
     ``[1, 1]``) and ``1 - c`` (vector ``[1, -1]``, orthogonal to 1), so ``C^+ 1 = 1 / (1 + c)``
-    when :func:`rank_mask` keeps ``1 + c`` (``1 + c > (1 - c) * 2 eps(float32)``: always for
+    when :func:`~gradbal.solvers_qp.rank_mask` keeps ``1 + c`` (``1 + c > (1 - c) * 2 eps(float32)``: always for
     ``c >= 0``), else 0 (opposite gradients: weights 0). ``D^-1 C^+ 1`` is then proportional
     to ``1 / ||g_k||``: ``w = (||g_2||, ||g_1||) / (||g_1|| + ||g_2||)``. One zero gradient
     gets weight 0 and the other 1; two zero gradients give 0: as the general path.
