@@ -93,10 +93,11 @@ def min_norm_2(gram: Tensor) -> Tensor:
     return torch.addcmul(offset, pi1.unsqueeze(-1), slope)
 
 
-@functools.lru_cache(maxsize=32)
-def _support_masks(k: int, device: torch.device) -> Tensor:
-    """All non-empty subsets of range(k) as a bool tensor [2^k - 1, k]."""
-    codes = torch.arange(1, 2**k, device=device)
+@functools.lru_cache(maxsize=64)
+def _subsets(k: int, device: torch.device, nonempty: bool) -> Tensor:
+    """All subsets of range(k) as a bool tensor [2^k (- 1), k]; code 0 (empty) first.
+    The support enumerations here and in :mod:`gradbal.solvers_qp` all read these."""
+    codes = torch.arange(1 if nonempty else 0, 2**k, device=device)
     bits = 2 ** torch.arange(k, device=device)
     return (codes.unsqueeze(-1) & bits) != 0
 
@@ -120,7 +121,7 @@ def _enumeration_systems(k: int, device: torch.device, dtype: torch.dtype):
     w_i = 0) and m in the border row and column; the right-hand side is e_{K+1}.
     Returns (m [S, K], keep [S, K+1, K+1], fixed [S, K+1, K+1], rhs [K+1, 1]).
     """
-    m = _support_masks(k, device).to(dtype)
+    m = _subsets(k, device, nonempty=True).to(dtype)
     s = m.shape[0]
     keep = torch.zeros(s, k + 1, k + 1, dtype=dtype, device=device)
     keep[:, :k, :k] = m.unsqueeze(-1) * m.unsqueeze(-2)

@@ -36,7 +36,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .solvers import EXACT_MAX_K, _chol_solve_columns
+from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
     "cagrad_weights",
@@ -77,16 +77,15 @@ def _sym(gram: Tensor) -> Tensor:
 
 
 def _trace_normalise(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """(G / trace(G), trace) with a zero matrix left as zero (trace reported as 1)."""
-    tr = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    tr = torch.where(tr > 0, tr, torch.ones_like(tr))
-    return gram / tr[..., None, None], tr
-
-
-def _solve(mat: Tensor, rhs: Tensor) -> Tensor:
-    """``mat^-1 rhs`` for a (batch of) vector(s): LU without the error check that syncs."""
-    x, _ = torch.linalg.solve_ex(mat, rhs.unsqueeze(-1))
-    return x.squeeze(-1)
+    """``(S / trace(S), trace(S))`` for ``S`` the symmetrised float64 ``gram`` with non-finite
+    entries read as 0; a zero (or negative-trace) matrix stays zero, its trace reported as 1.
+    Symmetrisation and normalisation share one scaling. 2-D ``gram`` only."""
+    # (dtype check in Python: a no-op ``.to`` still costs a dispatch in a ~50-op solve.)
+    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    tr = torch.trace(g)
+    tr = torch.where(tr > 0, tr, _scalars(g.device)[1])
+    return (g + g.mT) * (0.5 / tr), tr
 
 
 def _pick(candidates: Tensor, key: Tensor) -> Tensor:
@@ -94,17 +93,15 @@ def _pick(candidates: Tensor, key: Tensor) -> Tensor:
     return candidates.index_select(0, key.argmin().reshape(1)).squeeze(0)
 
 
-def _eye_like(gram: Tensor) -> Tensor:
-    k = gram.shape[-1]
-    return torch.eye(k, dtype=gram.dtype, device=gram.device)
+@functools.lru_cache(maxsize=64)
+def _eye(k: int, device: torch.device) -> Tensor:
+    return torch.eye(k, dtype=torch.float64, device=device)
 
 
 @functools.lru_cache(maxsize=64)
-def _subsets(k: int, device: torch.device, nonempty: bool) -> Tensor:
-    """All subsets of range(k) as a bool tensor [2^k (- 1), k]; code 0 (empty) first."""
-    codes = torch.arange(1 if nonempty else 0, 2**k, device=device)
-    bits = 2 ** torch.arange(k, device=device)
-    return (codes.unsqueeze(-1) & bits) != 0
+def _scalars(device: torch.device) -> tuple[Tensor, Tensor]:
+    """0-d float64 (0, 1): ``torch.where`` with a Python scalar builds a tensor every call."""
+    return torch.zeros((), dtype=torch.float64, device=device), torch.ones((), dtype=torch.float64, device=device)
 
 
 # --------------------------------------------------------------------------- eigen
@@ -162,7 +159,7 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     """
     a = _sym(a)
     k = a.shape[-1]
-    eye = _eye_like(a).expand_as(a)
+    eye = _eye(k, a.device).expand_as(a)
     if k == 1:
         return a[..., 0], eye.clone()
     sweeps = _default_sweeps(k) if sweeps is None else int(sweeps)
@@ -266,17 +263,6 @@ def _free_sets(k: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Te
     free = _subsets(k, device, nonempty=False).unsqueeze(-1)
     m = free.to(torch.float64)
     return free, m, 1 - m, free & free.mT
-
-
-@functools.lru_cache(maxsize=64)
-def _eye(k: int, device: torch.device) -> Tensor:
-    return torch.eye(k, dtype=torch.float64, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _scalars(device: torch.device) -> tuple[Tensor, Tensor]:
-    """0-d float64 (0, 1): ``torch.where`` with a Python scalar builds a tensor every call."""
-    return torch.zeros((), dtype=torch.float64, device=device), torch.ones((), dtype=torch.float64, device=device)
 
 
 def _free_solve(q: Tensor, u: Tensor, free: Tensor, fixed: Tensor, both_free: Tensor) -> Tensor:
@@ -461,14 +447,7 @@ def project_dual_cone(
         v [..., K] (float64), finite for any input.
     """
     k = gram.shape[-1]
-    # Non-finite entries read as 0; the symmetrisation and the trace normalisation share one
-    # scaling (a zero or negative trace counts as 1).
-    # (dtype checks in Python: a no-op ``.to`` still costs a dispatch of this ~50-op solve.)
-    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
-    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    tr = torch.trace(g)
-    tr = torch.where(tr > 0, tr, _scalars(g.device)[1])
-    q = (g + g.mT) * (0.5 / tr)
+    q, tr = _trace_normalise(gram)
     if norm_eps > 0:
         q = q * (tr >= norm_eps)
     q.diagonal().add_(reg_eps + _RIDGE)
@@ -677,7 +656,7 @@ def _cagrad_large(g: Tensor, a: Tensor, phi: Tensor, iterations: int, rounds: in
     renormalisation map to the same point; ``w^T grad F(w) = F(w)`` gives the KKT test's
     threshold; ``grad F`` at the best point comes from its tracked ``G w`` and ``r``.
     """
-    eye = _eye_like(g)
+    eye = _eye(g.shape[-1], g.device)
     gr = g + _RIDGE * eye
     w, z = _cagrad_ipm(g, a, phi, iterations)
     key = w / z
@@ -723,15 +702,6 @@ def _cagrad_large(g: Tensor, a: Tensor, phi: Tensor, iterations: int, rounds: in
     return best.squeeze(0)
 
 
-def _cagrad_prepare(gram: Tensor) -> Tensor:
-    """Symmetrised float64 ``G / trace(G)``, non-finite entries replaced by 0, a zero
-    matrix left as zero (what :func:`_sym` and :func:`_trace_normalise` do, in fewer ops)."""
-    g = torch.nan_to_num(gram.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    g = g + g.mT
-    tr = g.trace()
-    return g / torch.where(tr > 0, tr, 2.0)
-
-
 def cagrad_weights(
     gram: Tensor, c: float, iterations: int = CAGRAD_ITERATIONS
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -744,7 +714,7 @@ def cagrad_weights(
     Returns (w* [K], ``||g_w*||`` and ``phi``, both relative to ``sqrt(trace(G))``), float64.
     """
     k = gram.shape[-1]
-    g = _cagrad_prepare(gram)
+    g, _ = _trace_normalise(gram)
     a = g.mean(-1)  # G b with b = 1 / K
     phi = c * torch.sqrt(a.mean().clamp_min(0))
     if k == 1:
