@@ -108,8 +108,5 @@ def _check_out(out: Tensor, rows: Tensor) -> None:
         )
     if not out.is_contiguous():
         raise ValueError("out must be contiguous; pass out.contiguous() and copy back")
-    # Both are contiguous here: compare their byte ranges (another part of the same
-    # storage, such as a spare row of a [K + 1, N] buffer, is fine).
-    start, other = out.data_ptr(), rows.data_ptr()
-    if n and start < other + rows.numel() * rows.element_size() and other < start + n * out.element_size():
+    if n and _ops.overlaps(out, rows):  # a spare row of a [K + 1, N] buffer is fine
         raise ValueError("out shares memory with grads; pass a separate buffer")

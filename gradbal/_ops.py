@@ -177,6 +177,21 @@ def combine_torch(rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool =
     return out
 
 
+def _span(t: Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a 1-D or 2-D strided tensor can touch."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory ``a`` and ``b`` can touch overlaps (metadata only: no host sync).
+    Another part of the same storage, such as a spare row of a [K + 1, N] buffer, does not."""
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
 def _dispatch(kernel: int, torch_pass, rows: Tensor, backend: str, *args, **kwargs):
     """Run ``gradbal.kernels``' pass number ``kernel`` (0 gram, 1 combine, 2 graddrop) when
     ``backend`` resolves to Triton, else ``torch_pass``; same arguments for both. A Triton

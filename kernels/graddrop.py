@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from gradbal._ops import overlaps
+
 from ._launch import check_rows, check_vector, num_programs
 from .combine import _bf16_round_nearest_even
 
@@ -235,19 +237,6 @@ _PROGRAMS_PER_SM = 4
 _ROW_BYTES_PER_BLOCK = 16384 if INTERPRETED else 4096
 
 
-def _span(t: Tensor) -> tuple[int, int]:
-    """[first, last) byte addresses a 1-D or 2-D strided tensor can touch."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
-
-
 def graddrop(
     rows: Tensor,
     noise: Tensor,
@@ -266,12 +255,12 @@ def graddrop(
     k, n = rows.shape
     check_vector(out, n, "out", OUT_DTYPES, rows.device, "graddrop")
     check_vector(noise, n, "noise", (torch.float32,), rows.device, "graddrop")
-    if n and _overlap(out, rows):
+    if n and overlaps(out, rows):
         raise ValueError("graddrop: out overlaps the rows (it must be a separate buffer)")
-    if n and _overlap(noise, rows):
+    if n and overlaps(noise, rows):
         raise ValueError("graddrop: noise overlaps the rows")
     same = noise.data_ptr() == out.data_ptr() and noise.dtype == out.dtype
-    if n and _overlap(noise, out) and not same:
+    if n and overlaps(noise, out) and not same:
         raise ValueError("graddrop: noise overlaps out without being out itself")
     if accumulate and n and noise.data_ptr() == out.data_ptr():
         raise ValueError("graddrop: the noise cannot live in out when accumulating into it")
