@@ -111,27 +111,51 @@ def gram_torch(rows: Tensor) -> Tensor:
     """Reference Gram pass: ``G = rows @ rows.T`` as float64, summing per-chunk partial
     products computed in fp32 (fp64 for fp64 rows)."""
     k, n = rows.shape
-    acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
     # On CPUs, for K <= _PAIRWISE_MAX_K one dot product per pair streams faster than BLAS
     # gemm, which runs such thin products far below memory speed (measured: 3 dots 4 ms vs
     # gemm 10 ms for K=2, N=11M), and faster than the blocked matmul (see _PAIRWISE_MAX_K).
-    pairwise = rows.device.type == "cpu" and k <= _PAIRWISE_MAX_K
-    pairs = [(i, j) for i in range(k) for j in range(i, k)]  # row-major upper triangle
-    upper = torch.triu_indices(k, k, device=rows.device) if pairwise else None
+    if rows.device.type == "cpu" and k <= _PAIRWISE_MAX_K:
+        return _gram_cpu_pairs(rows)
+    acc = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
     for start in range(0, n, _CHUNK):
         block = rows[:, start : start + _CHUNK]
         if block.dtype not in (torch.float32, torch.float64):
             block = block.float()  # half types: multiply in fp32
-        if pairwise:
-            dots = torch.stack([torch.dot(block[i], block[j]) for i, j in pairs])
-            acc[upper[0], upper[1]] += dots.double()
-        elif rows.device.type == "cpu":
+        if rows.device.type == "cpu":
             acc += _gram_cpu_blocks(block)
         else:
             acc += (block @ block.T).double()
-    if pairwise:
-        acc = acc + acc.triu(1).T
     return acc
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_index(k: int) -> tuple[list[tuple[int, int]], Tensor]:
+    """The row-major upper-triangle pairs (i, j), i <= j, of range(k), and for every entry
+    (i, j) of a [k, k] matrix the position of its pair in that list ([k * k] int64)."""
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    pos = {p: n for n, p in enumerate(pairs)}
+    index = [pos[(min(i, j), max(i, j))] for i in range(k) for j in range(k)]
+    return pairs, torch.tensor(index, dtype=torch.int64)
+
+
+def _gram_cpu_pairs(rows: Tensor) -> Tensor:
+    """:func:`gram_torch` on the CPU for few rows: one dot product per pair and chunk, the
+    K(K + 1)/2 sums gathered into the symmetric matrix at the end (at K = 2 and one chunk,
+    9 top-level ops where the scatter into an upper triangle took 25: each small op costs
+    ~1-2 us, a third of the whole pass at N = 1M)."""
+    k, n = rows.shape
+    pairs, index = _pair_index(k)
+    dots = None
+    for start in range(0, n, _CHUNK):
+        block = rows[:, start : start + _CHUNK]
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.float()  # half types: multiply in fp32
+        r = block.unbind(0)
+        part = torch.stack([torch.dot(r[i], r[j]) for i, j in pairs]).double()
+        dots = part if dots is None else dots.add_(part)
+    if dots is None:  # N = 0
+        return torch.zeros(k, k, dtype=torch.float64)
+    return dots[index].view(k, k)
 
 
 def _gram_cpu_blocks(block: Tensor) -> Tensor:
@@ -162,10 +186,11 @@ def combine_torch(rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool =
             return torch.mv(rows.T, w, out=out)
         # Few rows: one fused multiply-add per row streams faster than gemv (same VM, K = 2,
         # N = 1M: 0.24 ms against 0.51 ms for ``w @ rows``).
+        r, ws = rows.unbind(0), w.unbind(0)
         if not accumulate:
-            torch.mul(rows[0], w[0], out=out)
+            torch.mul(r[0], ws[0], out=out)
         for k in range(0 if accumulate else 1, rows.shape[0]):
-            out.addcmul_(rows[k], w[k])
+            out.addcmul_(r[k], ws[k])
         return out
     w = weights.float()
     for start in range(0, rows.shape[1], _CHUNK):
