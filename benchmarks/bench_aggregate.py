@@ -13,6 +13,9 @@ For each K and N the script times, on the same fp32 [K, N] matrix of task gradie
 * ``torchjd`` : TorchJD's aggregator of the same name on the same matrix, when
                 ``import torchjd`` works and the aggregator's optional solver is installed.
 
+With ``--compile`` each Gram-based method runs as ``gradbal.compile_method(name)`` (its K x K
+stage through ``torch.compile``; the warm-up calls compile it), column ``compiled`` in the CSV.
+
 It prints, per method, the ratio ``aggregate / floor`` (target: <= 1.2 for Gram-based
 methods) and ``torchjd / gradbal`` (> 1: gradbal is faster), and writes every row
 (median / p20 / p80 ms) to a CSV file.
@@ -50,7 +53,7 @@ except ImportError:
 
 FIELDS = [
     "device", "threads", "K", "N", "method", "provider", "median_ms", "p20_ms", "p80_ms",
-    "weights_ms", "ratio_to_floor", "torchjd_over_gradbal",
+    "weights_ms", "ratio_to_floor", "torchjd_over_gradbal", "compiled",
 ]
 
 # gradbal name -> TorchJD 0.18 aggregator (same defaults where they exist)
@@ -97,11 +100,14 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
         return _ops.combine(rows, w_fixed, out)
 
     gram = _ops.gram(rows)
-    base = {"device": str(device), "threads": torch.get_num_threads(), "K": k, "N": n}
+    base = {"device": str(device), "threads": torch.get_num_threads(), "K": k, "N": n, "compiled": False}
     floor_times: list[float] = []
     result = []
     for name in methods:
         m = get_method(name, **method_options(name, k))
+        if args.compile and m.needs_gram and not m.elementwise:
+            # The warm-up calls compile it (once per K).
+            m = gradbal.compile_method(m)
         g = torch.Generator().manual_seed(1)
         gram_arg = gram if m.requires_task_gradients else None
 
@@ -122,7 +128,8 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
         w_med = statistics.median(w_times)
         floor_times += f_times
         med, p20, p80 = quantiles(s_times)
-        row = {**base, "method": name, "provider": "gradbal", "median_ms": med, "p20_ms": p20,
+        row = {**base, "method": name, "provider": "gradbal", "compiled": isinstance(m, gradbal.CompiledMethod),
+               "median_ms": med, "p20_ms": p20,
                "p80_ms": p80, "weights_ms": w_med,
                "ratio_to_floor": med / statistics.median(f_times), "torchjd_over_gradbal": ""}
         result.append(row)
@@ -206,6 +213,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-torchjd", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="run each Gram-based method as gradbal.compile_method(name) (torch.compile)")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
     args.ns = [int(n) for n in args.ns]

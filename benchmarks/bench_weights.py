@@ -15,6 +15,10 @@ one instance across calls, as in training.
 
     python benchmarks/bench_weights.py --threads 1
     python benchmarks/bench_weights.py --ks 16 --methods upgrad cagrad --csv weights.csv
+
+``--compile`` also times ``gradbal.compile_method(name).weights`` (the K x K stage through
+``torch.compile``; on CUDA a stateless method replays as a CUDA graph) round-robin with the
+eager call, and the first (compiling) call's wall time.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ import argparse
 import csv
 import os
 import sys
+import time
 
 import torch
 from torch.profiler import profile
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_weights
-    from _timing import quantiles, time_ms
+    from _timing import interleaved_ms, quantiles, time_ms
 except ImportError:
-    from ._timing import quantiles, time_ms
+    from ._timing import interleaved_ms, quantiles, time_ms
 
-FIELDS = ["device", "threads", "K", "method", "ops", "median_us", "p20_us", "p80_us"]
+FIELDS = ["device", "threads", "K", "method", "ops", "median_us", "p20_us", "p80_us", "compiled_us", "compile_s"]
 
 
 def count_ops(fn) -> int:
@@ -69,11 +74,31 @@ def run(args) -> list[dict]:
 
             call()
             ops = count_ops(call)
-            med, p20, p80 = quantiles(time_ms(call, device, args.reps, 3))
-            rows.append({"device": str(device), "threads": torch.get_num_threads(), "K": k,
-                         "method": name, "ops": ops, "median_us": med * 1e3,
-                         "p20_us": p20 * 1e3, "p80_us": p80 * 1e3})
-            print(f"K={k:2d} {name:12s} {ops:6d} ops {med * 1e3:9.1f} us", file=sys.stderr, flush=True)
+            row = {"device": str(device), "threads": torch.get_num_threads(), "K": k,
+                   "method": name, "ops": ops, "compiled_us": "", "compile_s": ""}
+            if args.compile:
+                compiled = gradbal.compile_method(gradbal.get_method(name))
+                gc = torch.Generator().manual_seed(0)
+
+                def call_compiled(compiled=compiled, gc=gc, gram=gram, losses=losses):
+                    return compiled.weights(gram, losses, gc)
+
+                t0 = time.perf_counter()
+                call_compiled()  # compiles
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row["compile_s"] = time.perf_counter() - t0
+                # Eager and compiled round-robin: their ratio compares like with like.
+                eager_t, comp_t = interleaved_ms([call, call_compiled], device, args.reps, 3)
+                row["compiled_us"] = quantiles(comp_t)[0] * 1e3
+            else:
+                eager_t = time_ms(call, device, args.reps, 3)
+            med, p20, p80 = quantiles(eager_t)
+            row.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
+            rows.append(row)
+            extra = (f"  compiled {row['compiled_us']:9.1f} us (compile {row['compile_s']:.1f} s)"
+                     if args.compile else "")
+            print(f"K={k:2d} {name:12s} {ops:6d} ops {med * 1e3:9.1f} us" + extra, file=sys.stderr, flush=True)
     return rows
 
 
@@ -88,6 +113,16 @@ def print_table(rows: list[dict]) -> None:
             hit = [r for r in rows if r["K"] == k and r["method"] == name]
             cells.append(f"{hit[0]['ops']:>7d} / {hit[0]['median_us']:6.0f}" if hit else f"{'-':>16s}")
         print(f"{name:14s}" + "".join(f"{c:>16s}" for c in cells))
+    if any(r["compiled_us"] != "" for r in rows):
+        print("\ncompile_method(name).weights: median us (eager / compiled), compile s")
+        print(f"{'':14s}" + "".join(f"{'K=' + str(k):>24s}" for k in ks))
+        for name in names:
+            cells = []
+            for k in ks:
+                hit = [r for r in rows if r["K"] == k and r["method"] == name]
+                cells.append(f"{hit[0]['median_us'] / hit[0]['compiled_us']:5.2f}x {hit[0]['compiled_us']:6.0f} {hit[0]['compile_s']:5.1f}s"
+                             if hit else "-")
+            print(f"{name:14s}" + "".join(f"{c:>24s}" for c in cells))
 
 
 def main(argv=None) -> None:
@@ -98,6 +133,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--csv", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="also time gradbal.compile_method(name).weights (torch.compile), round-robin with eager")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

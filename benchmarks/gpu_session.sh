@@ -6,20 +6,21 @@
 #     bash benchmarks/gpu_session.sh            # logs and CSVs go to $OUT (or ./gpu_out)
 #
 # Stages, each under its own timeout so that a hang in one still leaves the others' output
-# (at most 5.8 minutes of stages plus the install; run it with timeout_s 400, which leaves
-# a 15-minute device budget room for one rerun):
+# (at most 6.8 minutes of stages plus the install; run it with timeout_s 460, which leaves
+# a 15-minute device budget room for a partial rerun):
 #   env             card, driver, torch/triton versions, date (UTC): what RESULTS.md must quote
 #   gpu_tests       pytest -m gpu on the modules that hold GPU tests (kernels against fp64,
 #                   bit determinism, no host sync under torch.cuda.set_sync_debug_mode("error"),
-#                   NCCL/FSDP against one process)
+#                   NCCL/FSDP against one process, compile_method's CUDA graphs)
 #   bench_kernels   gram / combine / graddrop / whole steps: triton vs torch vs per-pair loop,
 #                   with the measured device-to-device copy bandwidth (issue 4's targets);
 #                   N = 1e8 as a stage of its own
 #   bench_weights   the K x K stage alone: ops (= kernel launches) and time per method and K
+#   bench_weights_compiled  the same through gradbal.compile_method (CUDA graphs), K = 4, 16
 #   bench_aggregate every method's aggregate on a materialised [K, N] (issue 3's table)
 #   bench_step      a ResNet-18 K = 2 distillation step against plain training
 # Every stage appends to $OUT/session.log, ending with a line "== <stage> rc=<exit status>";
-# files back from $OUT (at most 8): env.txt, session.log and five CSVs.
+# files back from $OUT (at most 8): env.txt, session.log and six CSVs.
 #
 # pytest is needed on the machine; if `python3 -c "import pytest"` fails there, carry wheels
 # (see the device tool's README): pytest, pluggy, iniconfig, packaging.
@@ -46,9 +47,9 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a timeout, append to $out/
     echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$out/session.log"
 }
 
-stage gpu_tests 110 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
+stage gpu_tests 130 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
     tests/kernels tests/methods/test_no_sync.py tests/reliability/test_determinism.py \
-    tests/reliability/test_fsdp.py
+    tests/reliability/test_fsdp.py tests/test_compiled.py
 # N = 1e6 and 1e7 first (the targets' sizes), then 1e8 apart: a timeout there keeps the rest.
 stage bench_kernels 75 "$py" benchmarks/bench_kernels.py --ks 2,4,8,16 --ns 1e6,1e7 \
     --dtypes fp32,bf16 --reps 15 --csv "$out/bench_kernels_gpu.csv"
@@ -56,6 +57,8 @@ stage bench_kernels_1e8 35 "$py" benchmarks/bench_kernels.py --ks 2,8 --ns 1e8 \
     --dtypes fp32,bf16 --providers triton,torch --reps 10 --csv "$out/bench_kernels_gpu_1e8.csv"
 stage bench_weights 20 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
     --csv "$out/bench_weights_gpu.csv"
+stage bench_weights_compiled 40 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
+    --ks 4 16 --methods mokd mgda upgrad --compile --csv "$out/bench_weights_compiled_gpu.csv"
 stage bench_aggregate 50 "$py" benchmarks/bench_aggregate.py --device cuda --reps 5 \
     --csv "$out/bench_aggregate_gpu.csv"
 stage bench_step 60 "$py" benchmarks/bench_step.py --device cuda --batch 128 --size 224 \

@@ -9,6 +9,7 @@ Three lines to adopt::
 """
 
 from ._aggregate import aggregate
+from ._compiled import CompiledMethod, compile_method
 from ._optimizer import MultiObjectiveOptimizer
 from .diagnostics import StepStats
 from .kd import FeatureCapture, FrozenTeacher, kd_loss
@@ -18,6 +19,7 @@ from .projector import SubspaceProjector
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledMethod",
     "FeatureCapture",
     "FrozenTeacher",
     "Method",
@@ -26,6 +28,7 @@ __all__ = [
     "SubspaceProjector",
     "aggregate",
     "available_methods",
+    "compile_method",
     "get_method",
     "kd_loss",
     "register_method",
