@@ -1,4 +1,4 @@
-"""K = 2 closed forms of the eigendecomposition-based methods (IMTL-G, ConFIG)
+"""K = 2 closed forms of the eigendecomposition-based methods (IMTL-G, ConFIG, Aligned-MTL)
 against their general path (LAPACK's eigh through sym_eig) and against their formulas, on
 hundreds of 2 x 2 Gram matrices covering every rank-cut case.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gradbal.methods.aligned_mtl import SCALE_MODES, AlignedMTL, _aligned_mtl_2
 from gradbal.methods.config import ConFIG, _config, _config_2
 from gradbal.methods.imtl import _imtl_g, _imtl_g_2
 
@@ -63,6 +64,17 @@ PAIRS = k2_pairs(520)
 KINDS = {kind for kind, _ in PAIRS}
 
 
+def _prefs(i):
+    gen = torch.Generator().manual_seed(1000 + i)
+    return [
+        torch.ones(2, dtype=F64),
+        torch.randn(2, generator=gen, dtype=F64),
+        torch.tensor([1.0, 0.0], dtype=F64),
+        torch.tensor([2.0, -1.0], dtype=F64),
+        torch.tensor([1e-3, 1.0], dtype=F64),
+    ]
+
+
 def _unit_cond(g):
     """Largest over smallest kept eigenvalue of the unit Gram matrix (1 when one is cut)."""
     n = g.diagonal().sqrt()
@@ -70,6 +82,16 @@ def _unit_cond(g):
         return 1.0
     c = (g[0, 1] / (n[0] * n[1])).abs().item()
     return (1 + c) / (1 - c) if 1 - c > RTOL_2 * (1 + c) else 1.0
+
+
+def _cond(g):
+    ev = torch.linalg.eigvalsh(g)
+    return (ev[1] / ev[0]).item() if ev[0] > RTOL_2 * ev[1] > 0 else 1.0
+
+
+def _aligned_general(g, p, mode):
+    coef, evecs = AlignedMTL(mode)._spectrum(g)
+    return evecs @ (coef * (p @ evecs)), coef.abs().max()
 
 
 # ------------------------------------------------------------------------------ IMTL-G
@@ -134,3 +156,73 @@ def test_config_k2_custom_pref_uses_the_general_path():
     m = ConFIG(pref_vector=p)
     for _, g in PAIRS[:60]:
         torch.testing.assert_close(m.weights(g, None), _config(g, torch.tensor(p, dtype=F64)), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- Aligned-MTL
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_aligned_mtl_k2_closed_form_matches_the_eigendecomposition(mode):
+    for i, (kind, g) in enumerate(PAIRS):
+        tol = 1e-12 + 8 * EPS * _cond(g)
+        for p in _prefs(i):
+            w = _aligned_mtl_2(g, p, mode)
+            ref, b_norm = _aligned_general(g, p, mode)
+            # relative to ||B|| ||p||: w = B p may cancel
+            scale = (b_norm * p.abs().max()).item()
+            assert (w - ref).abs().max() <= tol * scale, (mode, kind, g, p, w, ref)
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_aligned_mtl_k2_closed_form_documented_cases(mode):
+    ones = torch.ones(2, dtype=F64)
+    # full rank, diagonal: B = sqrt(s) diag(1/2, 1) with s = 1 (min, median) or 2.5 (rmse)
+    s = 2.5 if mode == "rmse" else 1.0
+    g = torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(_aligned_mtl_2(g, ones, mode), s**0.5 * torch.tensor([0.5, 1.0], dtype=F64),
+                               rtol=1e-15, atol=0)
+    # G = c I (no eigenbasis, h = 0): B = I in every mode
+    g = torch.eye(2, dtype=F64) * 7.0
+    p = torch.tensor([0.3, -2.0], dtype=F64)
+    torch.testing.assert_close(_aligned_mtl_2(g, p, mode), p, rtol=1e-15, atol=0)
+    # rank 1 (parallel gradients): B = v v^T in every mode, v = (1, 2) / sqrt(5)
+    g = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=F64)
+    torch.testing.assert_close(_aligned_mtl_2(g, ones, mode), torch.tensor([0.6, 1.2], dtype=F64),
+                               rtol=1e-15, atol=1e-16)
+    # an asymmetric input is symmetrised, as by sym_eig
+    g = torch.tensor([[2.0, 1.0], [0.2, 1.0]], dtype=F64)
+    ref, b_norm = _aligned_general(g, p, mode)
+    torch.testing.assert_close(_aligned_mtl_2(g, p, mode), ref, rtol=0, atol=1e-14 * b_norm.item())
+    # zero Gram matrix: B = I; a non-finite entry is read as 0 (as sym_eig does)
+    assert torch.equal(_aligned_mtl_2(torch.zeros(2, 2, dtype=F64), p, mode), p)
+    g = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(_aligned_mtl_2(g, ones, mode), torch.tensor([0.0, 1.0], dtype=F64),
+                               rtol=0, atol=1e-16)
+    # the rank cut: lambda_- just above and just below 2 eps(float32) lambda_+ (lambda_- = m - h
+    # has an error of ~eps lambda_+, as in any backward-stable eigensolver: relative 1e-10 here)
+    for ratio, full in ((1.01 * RTOL_2, True), (0.99 * RTOL_2, False)):
+        g = torch.diag(torch.tensor([1.0, ratio], dtype=F64))
+        w = _aligned_mtl_2(g, ones, mode)
+        if full:
+            ref = torch.tensor([ratio**0.5, 1.0], dtype=F64) if mode != "rmse" else \
+                ((1 + ratio) / 2) ** 0.5 * torch.tensor([1.0, ratio**-0.5], dtype=F64)
+        else:
+            ref = torch.tensor([1.0, 0.0], dtype=F64)
+        torch.testing.assert_close(w, ref, rtol=8 * EPS / ratio, atol=0)
+
+
+def test_aligned_mtl_k2_closed_form_is_finite_and_float32_in_float32_out():
+    for kind, g in PAIRS:
+        w = _aligned_mtl_2(g.float(), torch.ones(2, dtype=F64), "rmse")
+        assert torch.isfinite(w).all(), (kind, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_aligned_mtl_k2_on_cuda_takes_the_closed_form(mode):
+    m = AlignedMTL(mode)
+    for kind, g in PAIRS[:100]:
+        w = m.weights(g.cuda(), None).cpu()
+        ref, b_norm = _aligned_general(g, torch.ones(2, dtype=F64), mode)
+        assert (w - ref).abs().max() <= (1e-12 + 8 * EPS * _cond(g)) * b_norm, (kind, g)
