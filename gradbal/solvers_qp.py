@@ -73,7 +73,8 @@ def _sym(gram: Tensor) -> Tensor:
     """Symmetrised float64 copy with non-finite entries replaced by 0 (never an exception)."""
     g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    return (g + g.mT).mul_(0.5)
+    # (G + G^T) / 2 in one op instead of two; exact (G itself) on a symmetric G.
+    return torch.lerp(g, g.mT, 0.5)
 
 
 def _trace_normalise(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,7 +158,11 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     Returns (eigenvalues ascending [..., K], eigenvectors as columns [..., K, K]), like
     ``torch.linalg.eigh``.
     """
-    a = _sym(a)
+    return _jacobi(_sym(a), sweeps)
+
+
+def _jacobi(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`jacobi_eigh` of an already symmetrised float64 ``a`` (:func:`_sym`)."""
     k = a.shape[-1]
     eye = _eye(k, a.device).expand_as(a)
     if k == 1:
@@ -210,7 +215,7 @@ def sym_eig(gram: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
         raise ValueError(f"method must be 'auto', 'eigh' or 'jacobi', got {method!r}")
     g = _sym(gram)
     if method == "jacobi" or (method == "auto" and g.device.type != "cpu"):
-        return jacobi_eigh(g)
+        return _jacobi(g)
     return torch.linalg.eigh(g)
 
 
@@ -221,18 +226,28 @@ def rank_mask(evals: Tensor, rtol: float | None = None) -> Tensor:
     ``torch.linalg.pinv`` on a float32 Gram matrix); gradients are float32, so smaller
     eigenvalues of their Gram matrix are rounding noise. A zero matrix has rank 0.
     """
-    k = evals.shape[-1]
+    return _kept(evals, rtol)[0]
+
+
+def _kept(evals: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
+    """(:func:`rank_mask`, ``max(lambda)`` [..., 1]). No separate ``max > 0`` test: where
+    ``max <= 0`` every ``lambda <= max <= max * rtol``, so nothing is kept anyway."""
     if rtol is None:
-        rtol = k * torch.finfo(torch.float32).eps
+        rtol = evals.shape[-1] * torch.finfo(torch.float32).eps
     top = evals.amax(dim=-1, keepdim=True)
-    return (evals > top * rtol) & (top > 0)
+    return evals > top * rtol, top
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(k: int, device: torch.device) -> Tensor:
+    return torch.ones(k, dtype=torch.float64, device=device)
 
 
 def unit_gram_pinv(gram: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     r"""``a = D^-1 C^+ rhs`` for the unit Gram matrix ``C = D^-1 G D^-1``, ``D = diag(||g_k||)``
     (a zero gradient has a zero row and column in C and ``a_k = 0``): the coefficients of
     ``x = sum_k a_k g_k`` with ``<x, g_k / ||g_k||> = rhs_k`` in the least-squares, min-norm
-    sense (IMTL-G, ConFIG).
+    sense (IMTL-G, ConFIG). 2-D ``gram`` and 1-D ``rhs``.
 
     ``C^+`` keeps the eigenvalues :func:`rank_mask` counts in the rank. Returns ``(a, ok)``;
     ``ok`` is False where ``rhs`` is orthogonal to the kept eigenvectors (to 1e-9 of its
@@ -241,15 +256,36 @@ def unit_gram_pinv(gram: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     ``a`` must not blow up.
     """
     g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
-    norms = g.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    inv_n = norms.reciprocal().nan_to_num_(nan=0.0, posinf=0.0)  # 0 for a zero gradient
-    evals, evecs = sym_eig(g * (inv_n.unsqueeze(-1) * inv_n.unsqueeze(-2)))
+    # 1 / ||g_k||; a zero (or, not from a Gram matrix, negative) diagonal entry gives inf
+    # (NaN), read as 0
+    inv_n = g.diagonal().rsqrt().nan_to_num_(nan=0.0, posinf=0.0)
+    evals, evecs = sym_eig(g * torch.outer(inv_n, inv_n))
     keep = rank_mask(evals)
-    proj = torch.where(keep, (rhs.unsqueeze(-2) @ evecs).squeeze(-2), 0.0)
-    ok = (proj * proj).sum(-1) > 1e-18 * (rhs * rhs).sum(-1)
-    inv = torch.where(keep, evals.reciprocal(), 0.0)
-    a = inv_n * (evecs @ (inv * proj).unsqueeze(-1)).squeeze(-1)
+    coords = rhs @ evecs  # rhs in the eigenbasis
+    # sum_kept coords^2 > 1e-18 |rhs|^2, as sum_kept coords^2 - 1e-18 sum_cut coords^2 > 0 (the
+    # same test to rounding: |rhs|^2 = sum of all coords^2) in one dot product
+    sq = coords * coords
+    ok = torch.linalg.vecdot(sq, torch.where(keep, _scalars(g.device)[1], -1e-18)) > 0
+    a = inv_n * (evecs @ torch.where(keep, coords / evals, 0.0))
     return a, ok
+
+
+#: Cut-off on ``1^T C 1 = 2 (1 + c)`` at K = 2. rank_mask keeps ``1 + c`` when
+#: ``1 + c > rtol * max(1 + c, 1 - c)`` (``rtol = 2 eps(float32)``): always when ``c >= 0``;
+#: for ``c < 0``, ``1 + c > rtol (1 - c)``, i.e. ``2 (1 + c) > 4 rtol / (1 + rtol)``.
+_KEPT_SUM_2 = 4 * (2 * torch.finfo(torch.float32).eps) / (1 + 2 * torch.finfo(torch.float32).eps)
+
+
+def _unit_sum_2(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """K = 2: ``(diag G, inv, 1^T C 1)`` with ``inv_k = 1 / ||g_k||`` (0 for a zero gradient) and
+    ``1^T C 1 = inv^T G inv``: ``2 (1 + c)`` for two nonzero gradients at cosine c, 1 (up to
+    rounding) for one, 0 for none. ``1^T C 1 > _KEPT_SUM_2`` (to rounding) when the general path
+    (:func:`~gradbal.solvers_qp.unit_gram_pinv`) keeps an eigenvector not orthogonal to 1:
+    ``[1, 1]`` (eigenvalue ``1 + c``) with two gradients (rank_mask never cuts the largest
+    eigenvalue, so for ``c >= 0`` always), the nonzero gradient's unit vector with one."""
+    diag = g.diagonal()
+    inv = diag.rsqrt().nan_to_num_(nan=0.0, posinf=0.0)
+    return diag, inv, inv @ g @ inv
 
 
 # --------------------------------------------------------------- dual-cone projection

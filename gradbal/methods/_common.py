@@ -39,7 +39,7 @@ class PrefVector:
     def __init__(self, pref_vector: Sequence[float] | Tensor | None, default: str):
         self.host = check_pref_vector(pref_vector)
         self.default = default  # "mean" (1/K each) or "sum" (ones)
-        self._cache: dict[torch.device, Tensor] = {}
+        self._cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     def check(self, k: int, method: str) -> None:
         if self.host is not None and self.host.numel() != k:
@@ -48,15 +48,19 @@ class PrefVector:
                 "objectives were given; pass one entry per objective"
             )
 
-    def get(self, k: int, like: Tensor) -> Tensor:
-        if self.host is None:
-            value = 1.0 / k if self.default == "mean" else 1.0
-            return torch.full((k,), value, dtype=like.dtype, device=like.device)
-        cached = self._cache.get(like.device)
+    def get(self, k: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The vector on ``like``'s device, in ``dtype`` (default ``like.dtype``); cached, so a
+        call dispatches no op (callers must not modify it)."""
+        key = (k, like.device, like.dtype if dtype is None else dtype)
+        cached = self._cache.get(key)
         if cached is None:
-            cached = to_device(self.host, like.device)
-            self._cache[like.device] = cached
-        return cached.to(like.dtype)
+            if self.host is None:
+                value = 1.0 / k if self.default == "mean" else 1.0
+                cached = torch.full((k,), value, dtype=key[2], device=like.device)
+            else:
+                cached = to_device(self.host, like.device).to(key[2])
+            self._cache[key] = cached
+        return cached
 
     def __repr__(self) -> str:
         return "None" if self.host is None else repr(self.host.tolist())
