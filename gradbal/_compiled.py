@@ -22,6 +22,7 @@ an error that the eager method raises as well (a bad input) propagates unchanged
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any
 
@@ -83,7 +84,7 @@ class CompiledMethod(Method):
         fn = self._compiled.get(mode)
         if fn is None:
             fn = self._compiled[mode] = torch.compile(
-                self.method.weights, mode=mode, dynamic=False, **self.compile_options
+                _own_entry(self.method), mode=mode, **self.compile_options
             )
         key = (mode, tuple(ref.shape), ref.device, ref.dtype)
         if key in self._working:
@@ -162,6 +163,29 @@ class CompiledMethod(Method):
 
     def __repr__(self) -> str:
         return f"compile_method({self.method!r}, mode={self.mode!r})"
+
+
+_entries = itertools.count()
+
+
+def _own_entry(method: Method):
+    """``method.weights`` behind an entry function with a code object of its own.
+
+    Dynamo keeps its compiled programs on the code object of the frame it compiles, at most
+    ``torch._dynamo.config.recompile_limit`` (8) per code object, and beyond that runs the
+    frame eagerly without a word. Every instance of a class shares ``weights``' code object
+    (mgda_gn, mgda_l2, mgda_loss and mgda_loss+ are one class), so a few of them at a few K
+    would exhaust it and leave the later ones silently eager. With an entry of its own each
+    compiled method counts only its own recompilations (one per K; a method whose Python
+    state is an int, Nash-MTL's step counter, recompiles once more, after which Dynamo
+    treats that int as dynamic)."""
+
+    def weights(gram, losses, generator):
+        return method.weights(gram, losses, generator)
+
+    code = weights.__code__
+    weights.__code__ = code.replace(co_name=f"{code.co_name}_{method.name}_{next(_entries)}")
+    return weights
 
 
 def compile_method(
