@@ -160,3 +160,33 @@ def test_compiled_on_cuda_matches_eager_without_host_sync(name):
         torch.cuda.set_sync_debug_mode(0)
     _close(w3, expected[3])
     _close(w2, expected[2])  # still intact after the next replay
+
+
+def _top_level_aten_ops(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def test_methods_sharing_a_class_all_stay_compiled():
+    """Dynamo keeps at most 8 programs per code object and then runs the frame eagerly
+    without a word. The four mgda_* normalisations are one class: at K = 2 and 3 they are 8
+    programs of MGDANormalized.weights, and a ninth would have fallen back to eager. Each
+    compiled method must still dispatch far fewer top-level ops than the eager one (fused
+    kernels instead of one op per tensor operation)."""
+    names = ["mgda_gn", "mgda_l2", "mgda_loss", "mgda_loss+"]
+    shapes = [2, 3, 4]  # 12 programs of one class
+    for k in shapes:
+        gram, losses = well_conditioned(k, seed=k), torch.rand(k, dtype=F64) + 0.5
+        for name in names:
+            eager, compiled = gradbal.get_method(name), compile_method(name)
+            _close(compiled.weights(gram, losses), eager.weights(gram, losses))
+            n_eager = _top_level_aten_ops(lambda: eager.weights(gram, losses))
+            n_compiled = _top_level_aten_ops(lambda: compiled.weights(gram, losses))
+            assert n_compiled <= n_eager // 2, (name, k, n_compiled, n_eager)
