@@ -74,7 +74,7 @@ class MGDANormalized(Method):
         return self.normalization in ("loss", "loss+")
 
     def weights(self, gram, losses, generator=None):
-        g = gram.to(torch.float64)
+        g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
         norms = torch.sqrt(g.diagonal().clamp_min(0))
         if self.normalization in ("loss", "loss+"):
             if losses is None:
@@ -86,11 +86,12 @@ class MGDANormalized(Method):
             scale = norms
         else:
             scale = torch.ones_like(norms)
-        inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)
-        h = g * (inv.unsqueeze(-1) * inv)
+        # 1/0 = inf is never selected (where() does not propagate the other branch).
+        inv = torch.where(scale > 0, scale.reciprocal(), 0.0)
+        h = g * torch.outer(inv, inv)
         pi = min_norm_simplex(h, self.iterations)
         w = pi * inv if self.apply_to == "normalized" else pi
-        return w.to(gram.dtype)
+        return w if w.dtype == gram.dtype else w.to(gram.dtype)
 
     def __repr__(self) -> str:
         return (
