@@ -356,7 +356,7 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
             gram = self._gram(store, k, loss_values.device)
             # A NaN/Inf anywhere in row k makes G_kk non-finite: the check costs no pass.
             # A non-finite loss value is as bad for the methods that read it.
-            nonfinite = ~torch.isfinite(gram.diagonal()) | ~torch.isfinite(loss_values)
+            nonfinite = ~(torch.isfinite(gram.diagonal()) & torch.isfinite(loss_values))
             counts = [sum(col) for col in zip(*reached_by)]
             if self.gram_params == "shared":
                 gram = self._drop_unshared(store, gram, reached_by, counts)
@@ -377,10 +377,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
                         g.rows, g.out, accumulate, gen, backend=self.backend, coordinates=where
                     )
                 else:
-                    _ops.combine(
-                        g.rows, weights.to(g.device), g.out, accumulate=accumulate,
-                        backend=self.backend,
-                    )
+                    w = weights if weights.device == g.device else weights.to(g.device)
+                    _ops.combine(g.rows, w, g.out, accumulate=accumulate, backend=self.backend)
             store.point_grads_at_out([c > 0 for c in counts], snapshot)
             stats = StepStats.from_gram(weights, gram, loss_values, nonfinite, self.skipped_steps)
         except BaseException:
@@ -474,8 +472,6 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         self.last_stats = StepStats(
             weights=weights,
             gram=None,
-            norms=None,
-            cosines=None,
             losses=loss_values,
             nonfinite=nonfinite,
             skipped_steps=self.skipped_steps,
@@ -504,7 +500,8 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
     def _gram(self, store: GradientStore, k: int, device: torch.device) -> Tensor:
         gram = None
         for g in store.groups:
-            part = _ops.gram(g.rows, backend=self.backend).to(device)
+            part = _ops.gram(g.rows, backend=self.backend)
+            part = part if part.device == device else part.to(device)
             gram = part if gram is None else gram + part
         if getattr(store, "sharded", False):  # local partial Grams -> the Gram matrix
             gram = distributed.all_reduce_sum(gram, store.group)

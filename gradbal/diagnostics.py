@@ -8,6 +8,7 @@ All fields are tensors on the gradients' device: producing them costs no host sy
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,27 +42,29 @@ class StepStats:
         losses: [K] loss values, float64.
         nonfinite: [K] bool, True where objective k's gradient had a NaN or Inf.
         skipped_steps: steps skipped so far because of non-finite gradients.
+
+    ``norms`` and ``cosines`` are computed from ``gram`` when first read: a training step
+    that never looks at them does not pay their ~15 small tensor ops (each a kernel launch
+    on a GPU, a few microseconds on a CPU).
     """
 
     weights: Tensor
     gram: Tensor | None
-    norms: Tensor | None
-    cosines: Tensor | None
     losses: Tensor
     nonfinite: Tensor
     skipped_steps: int = 0
 
     @classmethod
     def from_gram(cls, weights, gram, losses, nonfinite, skipped_steps=0) -> StepStats:
-        return cls(
-            weights=weights,
-            gram=gram,
-            norms=norms_from_gram(gram),
-            cosines=cosines_from_gram(gram),
-            losses=losses,
-            nonfinite=nonfinite,
-            skipped_steps=skipped_steps,
-        )
+        return cls(weights=weights, gram=gram, losses=losses, nonfinite=nonfinite, skipped_steps=skipped_steps)
+
+    @functools.cached_property
+    def norms(self) -> Tensor | None:
+        return None if self.gram is None else norms_from_gram(self.gram)
+
+    @functools.cached_property
+    def cosines(self) -> Tensor | None:
+        return None if self.gram is None else cosines_from_gram(self.gram)
 
     def dominance(self) -> Tensor:
         """[K, K] norm ratios ``||g_i|| / ||g_j||`` (inf where ``g_j = 0``)."""
