@@ -187,6 +187,6 @@ def test_methods_sharing_a_class_all_stay_compiled():
         for name in names:
             eager, compiled = gradbal.get_method(name), compile_method(name)
             _close(compiled.weights(gram, losses), eager.weights(gram, losses))
-            n_eager = _top_level_aten_ops(lambda: eager.weights(gram, losses))
-            n_compiled = _top_level_aten_ops(lambda: compiled.weights(gram, losses))
+            n_eager = _top_level_aten_ops(lambda m=eager, g=gram, lo=losses: m.weights(g, lo))
+            n_compiled = _top_level_aten_ops(lambda m=compiled, g=gram, lo=losses: m.weights(g, lo))
             assert n_compiled <= n_eager // 2, (name, k, n_compiled, n_eager)
