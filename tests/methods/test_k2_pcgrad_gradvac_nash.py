@@ -1,4 +1,4 @@
-"""K = 2 closed forms of PCGrad and GradVac: against the general path (the K - 1
+"""K = 2 closed forms of PCGrad, GradVac and Nash-MTL: against the general path (the K - 1
 rounds, forced to K = 2: the same bits) and against the papers' formulas written plainly in
 numpy on the Gram entries (1e-12 relative), over the stress pairs of ``_grams.stress_pairs``
 as fp64 Gram matrices and as fp32 ones (which may miss PSD)."""
@@ -14,6 +14,7 @@ import torch
 from gradbal.methods import get_method
 from gradbal.methods.gradvac import GradVac
 from gradbal.methods.pcgrad import PCGrad
+from gradbal.solvers_qp import fair_weights
 
 from ._grams import F64, PAIR_KINDS, stress_pairs
 
@@ -269,3 +270,70 @@ def test_gradvac_rounds_match_the_paper(k):
             got = m.state_dict()["target"].numpy()
             np.testing.assert_allclose(got, target, rtol=1e-12, atol=1e-7 if seed % 3 == 1 else 0)
             target = got
+
+
+# --------------------------------------------------------------------------- Nash-MTL
+
+
+def nash_numpy(g: np.ndarray, ridge: float = 1e-8) -> np.ndarray:
+    """Navon et al. 2022's ``G a = 1 / a`` at K = 2 with gradbal's normalisation and ridge
+    (:func:`gradbal.solvers_qp.fair_weights`): ``G_r = sym(G) / s + ridge I``, ``s = tr(G) / 2``
+    (1 for a zero matrix), ``a = s^(-1/2) / (n_i sqrt(max(1 + cos, ridge)))`` with ``n_i`` and
+    ``cos`` those of ``G_r``."""
+    g = np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    tr = g[0, 0] + g[1, 1]
+    s = tr / 2 if tr > 0 else 1.0
+    gr = 0.5 * ((g + g.T) / s) + ridge * np.eye(2)
+    n = np.array([_sqrt(gr[0, 0]), _sqrt(gr[1, 1])])
+    cos = gr[0, 1] / (n[0] * n[1])
+    return 1 / _sqrt(s) / (n * _sqrt(max(1 + cos, ridge)))
+
+
+def test_nash_k2_closed_form_matches_numpy_and_solves_the_equation():
+    for s, g in enumerate(GRAMS):
+        a = fair_weights(g, 1.0)
+        np.testing.assert_allclose(a.numpy(), nash_numpy(g.numpy()), rtol=1e-12, atol=0)
+        w = get_method("nash_mtl", max_norm=0.0).weights(g, None, None)
+        assert torch.equal(w, a)
+        cos = g[0, 1] / (g[0, 0] * g[1, 1]).sqrt()
+        if s < len(PAIRS) and PAIR_KINDS[s % len(PAIR_KINDS)] in ("random", "orthogonal") and cos.abs() < 0.9:
+            # The defining equation a_i ((G + ridge s I) a)_i = 1 (well conditioned here).
+            shifted = g + 1e-8 * torch.trace(g) / 2 * torch.eye(2, dtype=F64)
+            assert (a * (shifted @ a) - 1).abs().max() <= 1e-12, s
+
+
+def _clip_as_written(alpha: torch.Tensor, q: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Official code: ``alpha * min(1, max_norm / ||d||)``, ``||d|| = sqrt(alpha^T G alpha)``."""
+    norm = torch.sqrt(q.clamp_min(0))
+    return alpha * torch.clamp(max_norm / norm.clamp_min(1e-300), max=1.0)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.5, 3.0, 49.0])
+def test_nash_clip_is_the_official_one(max_norm):
+    for s, g in enumerate(GRAMS):
+        alpha = fair_weights(g, 1.0)
+        q = float(alpha @ g @ alpha)
+        fresh = get_method("nash_mtl", max_norm=max_norm).weights(g, None, None)
+        assert torch.equal(fresh, _clip_as_written(alpha, alpha @ g @ alpha, max_norm)), s
+        # Reused alpha (update_weights_every) on multiples of G: ||d||^2 from 0 to 1e100,
+        # at and around max_norm^2.
+        for c in (0.0, 1e-300, 1e-8, 0.3, 1.0, 7.0, 1e8, 1e100) + (
+            (max_norm**2 / q, max_norm**2 / q * (1 + 2**-52), max_norm**2 / q * (1 - 2**-52)) if q > 0 else ()
+        ):
+            m = get_method("nash_mtl", max_norm=max_norm, update_weights_every=2)
+            m.load_state_dict({"step": 1, "alpha": alpha})
+            gc = g * c
+            w = m.weights(gc, None, None)
+            assert torch.equal(w, _clip_as_written(alpha, alpha @ gc @ alpha, max_norm)), (s, c)
+
+
+def test_nash_k2_nonfinite_gram_keeps_alpha():
+    g = PAIRS[0] @ PAIRS[0].T
+    for bad in NONFINITE:
+        m = get_method("nash_mtl")
+        m.weights(g, None, None)
+        before = m.state_dict()
+        m.weights(bad, None, None)
+        after = m.state_dict()
+        assert torch.equal(after["alpha"], before["alpha"]) and after["step"] == before["step"] + 1
+        assert torch.equal(m.weights(g, None, None), get_method("nash_mtl").weights(g, None, None))
