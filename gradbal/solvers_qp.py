@@ -867,10 +867,12 @@ def fair_weights(
     out_scale = s.pow(-p)
     if k == 2 and alpha == 1.0:
         n = g.diagonal().sqrt()
-        cos = g[0, 1] / (n[0] * n[1])
+        # Row sums of [[1, cos], [cos, 1]] (g is exactly symmetric): 1 + cos twice, without
+        # indexing out the scalars (four selects).
+        one_cos = (g / torch.outer(n, n)).fill_diagonal_(1.0).sum(0)
         # A Gram matrix of fp32 gradients can miss PSD by ~1e-7 relative, more than the
         # ridge: for (nearly) opposite gradients 1 + cos would go negative (NaN weights).
-        return out_scale / (n * torch.sqrt((1 + cos).clamp_min(ridge)))
+        return out_scale / (n * torch.sqrt(one_cos.clamp_min(ridge)))
     expo = -1.0 / alpha
     e = 1.0 - 1.0 / alpha
     # Orthogonal-gradient answer G_ii w_i = w_i^(-1/alpha) (diagonal >= ridge), then scaled.

@@ -67,22 +67,36 @@ class NashMTL(Method):
 
     def weights(self, gram, losses, generator=None):
         k = gram.shape[-1]
+        g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
         alpha = self._alpha
-        if alpha is None or alpha.shape[-1] != k or self._step % self.update_weights_every == 0:
-            fresh = fair_weights(gram, 1.0, self.iterations)
-            if alpha is not None and alpha.shape[-1] == k:
-                # keep the last good alpha when this Gram matrix is not finite
-                ok = torch.isfinite(gram).all() & torch.isfinite(fresh).all()
-                fresh = torch.where(ok, fresh, alpha.to(gram.device))
+        if alpha is not None and alpha.shape[-1] != k:
+            alpha = None
+        elif alpha is not None and alpha.device != g.device:
+            alpha = alpha.to(g.device)
+        if alpha is None or self._step % self.update_weights_every == 0:
+            fresh = fair_weights(g, 1.0, self.iterations)
+            quad = fresh @ g @ fresh
+            if alpha is not None:
+                # Keep the last good alpha when this Gram matrix (or the solution) is not
+                # finite. alpha^T G alpha tells (one op where the entrywise checks take
+                # five): an infinite or NaN entry of G or alpha makes it infinite or NaN, as
+                # alpha >= 0 (a zero weight times an infinite entry is NaN).
+                ok = torch.isfinite(quad)
+                fresh = torch.where(ok, fresh, alpha)
             alpha = fresh
         else:
-            alpha = alpha.to(gram.device)
+            quad = alpha @ g @ alpha
         self._alpha = alpha
         self._step += 1
         if self.max_norm > 0:
-            norm = torch.sqrt((alpha @ gram.to(torch.float64) @ alpha).clamp_min(0))
-            alpha = alpha * torch.clamp(self.max_norm / norm.clamp_min(1e-300), max=1.0)
-        return alpha.to(gram.dtype)
+            # min(1, max_norm / ||d||), ||d||^2 = alpha^T G alpha (||d|| = 0: max_norm / 0 =
+            # inf, clamped to 1); for max_norm = 1 as 1 / sqrt(max(||d||^2, 1)): the same
+            # bits, two ops fewer.
+            if self.max_norm == 1.0:
+                alpha = alpha * quad.clamp_min(1.0).sqrt().reciprocal()
+            else:
+                alpha = alpha * torch.clamp(self.max_norm / quad.clamp_min(0).sqrt(), max=1.0)
+        return alpha if gram.dtype == torch.float64 else alpha.to(gram.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step, "alpha": None if self._alpha is None else self._alpha.clone()}

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch import Tensor
 
 from ._base import Method
+from ._common import to_device
 from ._registry import register_method
 
 __all__ = ["PCGrad"]
+
+
+@functools.lru_cache(maxsize=32)
+def _consts(k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``I`` and ``arange(k)`` (constants: no ops per call). Never modified in place."""
+    return torch.eye(k, dtype=dtype, device=device), torch.arange(k, device=device)
 
 
 @register_method("pcgrad")
@@ -23,6 +33,10 @@ class PCGrad(Method):
     ``<g_i', g_j> = (C G)[i, j]``. The whole surgery is K x K work on the Gram matrix, all
     objectives advance in parallel (K - 1 vectorised rounds), and ``w = sum_i C[i]``.
     The orders are drawn from the ``generator`` the optimizer passes (seeded, checkpointed).
+
+    For K = 2 each gradient has one other to project on, so in closed form
+    ``w_1 = 1 - min(0, G_21) / G_11``, ``w_2 = 1 - min(0, G_12) / G_22`` (a zero gradient
+    is not projected on: its quotient counts as 0).
 
     Args:
         reduction: ``"sum"`` (the paper) or ``"mean"`` (Pytorch-PCGrad's default).
@@ -41,24 +55,46 @@ class PCGrad(Method):
 
     def weights(self, gram, losses, generator=None):
         k = gram.shape[-1]
-        # Random order of the others for each i: sort random keys, self forced last.
+        # Random order of the others for each i: random keys, sorted with self forced last.
+        # Drawn at K = 2 too, where the order is forced: the generator (in the optimizer's
+        # checkpoint, and the caller's to share) advances by the same draw at every K.
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
-        keys.fill_diagonal_(2.0)
-        order = keys.argsort(dim=1)[:, : k - 1].to(gram.device, non_blocking=True)
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        coef = eye
         sq_norms = gram.diagonal()
-        # 1 / ||g_j||^2, and 0 for a zero gradient (nothing to project on).
-        inv = torch.where(sq_norms > 0, 1 / torch.where(sq_norms > 0, sq_norms, 1.0), 0.0)
-        for t in range(k - 1):
-            j = order[:, t : t + 1]  # [K, 1]: the j each i projects on at this round
-            dots = (coef @ gram).gather(1, j)  # <g_i', g_{j_i}>
-            step = dots.clamp_max(0) * inv.index_select(0, j.squeeze(1)).unsqueeze(1)
-            # Row i of the update is step_i e_{j_i}: gathers only, no index validation that
-            # would read the indices on the host (F.one_hot does on CUDA).
-            coef = coef - step * eye.index_select(0, j.squeeze(1))
-        w = coef.sum(0)
+        # 1 / ||g_j||^2, and 0 for a zero gradient (nothing to project on); the 1 / 0 = inf
+        # that where() discards is never multiplied.
+        inv = torch.where(sq_norms > 0, sq_norms.reciprocal(), 0.0)
+        if k == 2:
+            w = self._pair(gram, inv)
+        else:
+            keys.fill_diagonal_(2.0)
+            w = self._rounds(gram, inv, keys.argsort(dim=1)[:, : k - 1])
         return w / k if self.reduction == "mean" else w
+
+    @staticmethod
+    def _pair(gram: Tensor, inv: Tensor) -> Tensor:
+        """K = 2: ``w_j = 1 - inv_j min(0, G_ij)``, i the other. Column j of ``min(G, 0)``
+        sums ``min(G_ij, 0)`` and ``min(G_jj, 0) = 0``: the same bits as the rounds (where
+        ``w_j = C_jj + C_ij = 1 - min(0, G_ij) inv_j``)."""
+        return 1 - inv * gram.clamp_max(0).sum(0)
+
+    @staticmethod
+    def _rounds(gram: Tensor, inv: Tensor, order: Tensor) -> Tensor:
+        """The K - 1 rounds: round t projects each g_i' on g_j, ``j = order[i, t]``."""
+        k = gram.shape[-1]
+        eye, arange = _consts(k, gram.dtype, gram.device)
+        idx = to_device(order.T.unsqueeze(-1), gram.device)  # [K - 1, K, 1]: round, i -> j
+        # Row i of round t's update is -min(0, <g_i', g_j>) / ||g_j||^2 e_j: the scaled
+        # one-hot rows, built once for all rounds by a comparison (no index validation that
+        # would read the indices on the host, as F.one_hot does on CUDA).
+        scaled = torch.where(idx == arange, inv, 0.0).unbind(0)
+        cols = idx.unbind(0)
+        coef = eye
+        for t in range(k - 1):
+            # C = I in round 0: C G = G (the same bits for a finite G).
+            cg = gram if t == 0 else coef @ gram
+            dots = cg.gather(1, cols[t])  # <g_i', g_{j_i}>
+            coef = coef - dots.clamp_max(0) * scaled[t]
+        return coef.sum(0)
 
     def __repr__(self) -> str:
         return f"PCGrad(reduction={self.reduction!r})"

@@ -44,3 +44,46 @@ def degenerate(k: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 def opposite_pair() -> torch.Tensor:
     j = torch.tensor([[1.0, 2.0, -1.0], [-1.0, -2.0, 1.0]], dtype=F64)
     return j @ j.T
+
+
+#: The kinds of :func:`stress_pairs`, in turn.
+PAIR_KINDS = (
+    "random", "parallel", "opposite", "nearly_opposite", "zero_row", "both_zero",
+    "decades_12", "decades_12_reversed", "orthogonal", "nearly_parallel",
+)
+
+
+def stress_pairs(count: int = 400, seed: int = 0) -> list[torch.Tensor]:
+    """Jacobians [2, n] of hard pairs, the kinds of ``PAIR_KINDS`` in turn: random, parallel
+    (positive multiple), opposite (negative multiple), nearly opposite (g_2 = -g_1 + 1e-9
+    noise), g_1 = 0, both 0, norms 12 decades apart (either way), orthogonal, nearly parallel
+    (1e-9 noise); random lengths n = 1..8 and scales 1e-3..1e3."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(count):
+        kind = PAIR_KINDS[c % len(PAIR_KINDS)]
+        n = int(torch.randint(2 if kind == "orthogonal" else 1, 9, (1,), generator=gen))
+        j = torch.randn(2, n, generator=gen, dtype=F64)
+        j = j * 10.0 ** (6 * float(torch.rand(1, generator=gen, dtype=F64)) - 3)
+        a = 0.1 + 3 * float(torch.rand(1, generator=gen, dtype=F64))
+        noise = 1e-9 * j[0].norm() * torch.randn(n, generator=gen, dtype=F64)
+        if kind == "parallel":
+            j[1] = a * j[0]
+        elif kind == "opposite":
+            j[1] = -a * j[0]
+        elif kind == "nearly_opposite":
+            j[1] = -j[0] + noise
+        elif kind == "zero_row":
+            j[0] = 0
+        elif kind == "both_zero":
+            j.zero_()
+        elif kind == "decades_12":
+            j[1] *= 1e-12
+        elif kind == "decades_12_reversed":
+            j[0] *= 1e-12
+        elif kind == "orthogonal":
+            j[1] -= (j[1] @ j[0]) / (j[0] @ j[0]) * j[0]
+        elif kind == "nearly_parallel":
+            j[1] = j[0] + noise
+        out.append(j)
+    return out
