@@ -35,8 +35,9 @@ class PCGrad(Method):
     The orders are drawn from the ``generator`` the optimizer passes (seeded, checkpointed).
 
     For K = 2 each gradient has one other to project on, so in closed form
-    ``w_1 = 1 - min(0, G_21) / G_11``, ``w_2 = 1 - min(0, G_12) / G_22`` (a zero gradient
-    is not projected on: its quotient counts as 0).
+    ``w_1 = 1 - min(0, G_21) / G_11``, ``w_2 = 1 - min(0, G_12) / G_22`` (a zero gradient,
+    or one whose squared norm is below the dtype's smallest normal number, is not projected
+    on: its quotient counts as 0).
 
     Args:
         reduction: ``"sum"`` (the paper) or ``"mean"`` (Pytorch-PCGrad's default).
@@ -61,8 +62,9 @@ class PCGrad(Method):
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
         sq_norms = gram.diagonal()
         # 1 / ||g_j||^2, and 0 for a zero gradient (nothing to project on); the 1 / 0 = inf
-        # that where() discards is never multiplied.
-        inv = torch.where(sq_norms > 0, sq_norms.reciprocal(), 0.0)
+        # that where() discards is never multiplied. A subnormal ||g_j||^2 counts as zero:
+        # its reciprocal overflows to inf (G = [[1e-320, -1e-160], [-1e-160, 1]] gave w = inf).
+        inv = torch.where(sq_norms >= torch.finfo(sq_norms.dtype).tiny, sq_norms.reciprocal(), 0.0)
         if k == 2:
             w = self._pair(gram, inv)
         else:

@@ -149,6 +149,18 @@ def test_pcgrad_rounds_match_the_paper(k):
         np.testing.assert_allclose(w, coef.sum(0), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_pcgrad_subnormal_norm_is_not_projected_on(k):
+    """A gradient whose squared norm is subnormal (||g|| < 1.5e-154) counts as zero: its
+    reciprocal overflows, and w was inf (w_1 = 1 + 1e-160 / 1e-320). The weights stay
+    finite and the other gradients are left as they are, as for a zero gradient."""
+    g = torch.eye(k, dtype=F64)
+    g[0, 0], g[0, 1], g[1, 0] = 1e-320, -1e-160, -1e-160
+    w = get_method("pcgrad").weights(g, None, _gen(1))
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w, torch.ones(k, dtype=F64), rtol=0, atol=0)  # no pair conflicts above 0
+
+
 # ---------------------------------------------------------------------------- GradVac
 
 
