@@ -8,11 +8,16 @@ fixed-shape, branch-free program into a few generated kernels (the solvers were 
 it: fixed iteration counts, no host synchronisation, no Python branch on a tensor value), and
 on CUDA its ``"reduce-overhead"`` mode replays the whole stage as one CUDA graph.
 
-Measured on the 2-core CPU VM (1 thread, ``Method.weights`` on a K x K float64 Gram matrix,
-medians of 40 calls; see benchmarks/RESULTS.md for the command): mgda K = 16 2.0 ms -> 0.5 ms,
-cagrad K = 16 4.4 -> 1.3 ms, upgrad K = 16 2.1 -> 1.4 ms, mokd K = 4 168 -> 61 us. The
-price is a compilation on the first call for each K (seconds; tens of seconds for CAGrad's
-K > 8 solver), so it pays in training loops, not in one-off calls.
+Measured on the 2-core CPU VM (1 thread; ``python benchmarks/bench_weights.py --threads 1
+--reps 60 --compile``, eager and compiled calls round-robin; table in benchmarks/RESULTS.md):
+at K = 16 the compiled stage is 1.4-3.7x faster (mgda 2.9x, cagrad 2.9x, gradvac 3.7x,
+upgrad 1.6x); at K = 2 and 4 most methods gain 1.4-2.4x, but the few-op closed forms (pcgrad,
+imtl_g, config at K = 2: 9-11 ops) lose to the wrapper's own ~15 us, aligned_mtl is level
+(LAPACK's eigendecomposition is most of it), and at K = 8 the support enumerations (mgda,
+dualproj: one batched solve of 2^8 systems) can run slower compiled (0.6-0.7x). The price is a compilation on the first call for each K (seconds; up to ~20 s
+for the K > 8 interior points), so it pays in training loops, not in one-off calls. On CUDA
+the gain is expected to be larger (hundreds of launches become one graph replay); no GPU
+has measured it yet.
 
 Only :meth:`Method.weights` is compiled; everything else (state, trainable parameters,
 elementwise passes) is the wrapped method's own. A compilation that fails (no C++ compiler
