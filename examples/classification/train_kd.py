@@ -149,7 +149,7 @@ DEFAULTS = {
     "gram_params": None, "amp": None, "workers": 4, "seed": 0, "log_every": 20,
     "output_dir": None, "teacher_ckpt": None, "teacher_pretrained": None,
     "teacher_dtype": None, "resume": None, "stop_after_epochs": None, "eval_batch_size": None,
-    "tensorboard": True, "progress": True,
+    "tensorboard": True, "progress": True, "compile_method": False,
 }  # fmt: skip
 
 EXTRA_METHODS = ("scratch",)
@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--tensorboard", type=_bool)
     a("--progress", type=_bool, help="tqdm progress bar (when installed)")
+    a(
+        "--compile-method",
+        type=_bool,
+        help="run the method's K x K stage through gradbal.compile_method (torch.compile; a "
+        "CUDA graph on GPU): pays for long runs at K >= 4 or with many-op methods",
+    )
     return p  # fmt: skip
 
 
@@ -897,17 +903,19 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
     opt = base
     loss_based = False
     if distill:
-        loss_based = not gradbal.get_method(method, **cfg["method_options"]).requires_task_gradients
+        balancer = gradbal.get_method(method, **cfg["method_options"])
+        loss_based = not balancer.requires_task_gradients
         extra = {} if cfg["gram_params"] is None else {"gram_params": cfg["gram_params"]}
+        if cfg["compile_method"]:
+            balancer = gradbal.compile_method(balancer)
         opt = gradbal.MultiObjectiveOptimizer(
             base,
-            method=method,
+            method=balancer,
             seed=cfg["seed"],  # the same on every process
             # Exact distributed balancing: each objective's gradient and loss value is averaged
             # over the processes before the Gram matrix (backward under DDP's no_sync below).
             process_group=dist.group.WORLD if world > 1 and not loss_based else None,
             **extra,
-            **cfg["method_options"],
         )
     if cfg["schedule"] == "step":
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg["milestones"], cfg["gamma"])

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,24 @@ def test_one_epoch(tk, data, teacher_ckpt, tmp_path, method, features):
     # the shipped student has no projector parameters
     final = torch.load(out / "student_final.pth", weights_only=True)
     assert set(final) == set(tk.build_model("cnn4", 3, 3).state_dict())
+
+
+def test_compiled_method_one_epoch(tk, data, teacher_ckpt, tmp_path):
+    """--compile-method true: the same run with the K x K stage through gradbal.compile_method
+    gives the eager run's weights (to torch.compile's rounding) and a checkpoint that names
+    the method as usual."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        extra = ["--method", "gradvac", "--epochs", "1", "--compile-method", flag]
+        with warnings.catch_warnings():
+            # A fallback to eager would pass the comparison below: make it fail the test.
+            warnings.filterwarnings("error", message="gradbal: torch.compile")
+            assert tk.main(base_args(data, teacher_ckpt, out, *extra))["finished"]
+        assert json.loads((out / "config.json").read_text())["compile_method"] == (flag == "true")
+        runs[flag] = torch.load(out / "student_final.pth", weights_only=True)
+    for name, eager in runs["false"].items():
+        torch.testing.assert_close(runs["true"][name], eager, rtol=1e-5, atol=1e-6)
 
 
 def test_scratch_trains_a_teacher(tk, data, teacher_ckpt, tmp_path):
