@@ -102,27 +102,22 @@ def run(args) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def _grid(rows: list[dict], title: str, width: int, cell) -> None:
+    """One line per method, one column per K: ``cell(row)`` for each (method, K) row."""
     ks = sorted({r["K"] for r in rows})
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    print("\nMethod.weights: top-level ops / median us")
-    print(f"{'':14s}" + "".join(f"{'K=' + str(k):>16s}" for k in ks))
-    for name in names:
-        cells = []
-        for k in ks:
-            hit = [r for r in rows if r["K"] == k and r["method"] == name]
-            cells.append(f"{hit[0]['ops']:>7d} / {hit[0]['median_us']:6.0f}" if hit else f"{'-':>16s}")
-        print(f"{name:14s}" + "".join(f"{c:>16s}" for c in cells))
+    print(f"\n{title}")
+    print(f"{'':14s}" + "".join(f"{'K=' + str(k):>{width}s}" for k in ks))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        hits = [[r for r in rows if r["K"] == k and r["method"] == name] for k in ks]
+        print(f"{name:14s}" + "".join(f"{cell(h[0]) if h else '-':>{width}s}" for h in hits))
+
+
+def print_table(rows: list[dict]) -> None:
+    _grid(rows, "Method.weights: top-level ops / median us", 16,
+          lambda r: f"{r['ops']:>7d} / {r['median_us']:6.0f}")
     if any(r["compiled_us"] != "" for r in rows):
-        print("\ncompile_method(name).weights: median us (eager / compiled), compile s")
-        print(f"{'':14s}" + "".join(f"{'K=' + str(k):>24s}" for k in ks))
-        for name in names:
-            cells = []
-            for k in ks:
-                hit = [r for r in rows if r["K"] == k and r["method"] == name]
-                cells.append(f"{hit[0]['median_us'] / hit[0]['compiled_us']:5.2f}x {hit[0]['compiled_us']:6.0f} {hit[0]['compile_s']:5.1f}s"
-                             if hit else "-")
-            print(f"{name:14s}" + "".join(f"{c:>24s}" for c in cells))
+        _grid(rows, "compile_method(name).weights: eager / compiled, compiled median us, compile s", 24,
+              lambda r: f"{r['median_us'] / r['compiled_us']:5.2f}x {r['compiled_us']:6.0f} {r['compile_s']:5.1f}s")
 
 
 def main(argv=None) -> None:

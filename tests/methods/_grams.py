@@ -87,3 +87,40 @@ def stress_pairs(count: int = 400, seed: int = 0) -> list[torch.Tensor]:
             j[1] = j[0] + noise
         out.append(j)
     return out
+
+
+def k2_pairs(count, seed=0):
+    """(kind, 2 x 2 Gram matrix): random; parallel; opposite; one zero row (either); both
+    zero; nearly opposite inside the rank cut (g_2 = -2 g_1 + 1e-5 noise) and outside it
+    (1e-3 noise); norms 12 decades apart; nearly parallel (kept: 1e-3 noise; cut: 1e-9);
+    orthogonal with equal norms (G = c I: no eigenbasis); correlated; rank-deficient (one
+    coordinate, so every pair is parallel or opposite)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        kind = i % 13
+        j = torch.randn(2, 2 + i % 4, generator=gen, dtype=F64)
+        noise = torch.randn(j.shape[1], generator=gen, dtype=F64)
+        if kind == 1:
+            j[1] = 3 * j[0]
+        elif kind == 2:
+            j[1] = -0.5 * j[0]
+        elif kind == 3:
+            j[(i // 13) % 2] = 0
+        elif kind == 4:
+            j.zero_()
+        elif kind in (5, 6):
+            j[1] = -2 * j[0] + (1e-5 if kind == 5 else 1e-3) * noise
+        elif kind == 7:
+            j = j * torch.tensor([[1e-6], [1e6]], dtype=F64)
+        elif kind in (8, 9):
+            j[1] = 2 * j[0] + (1e-3 if kind == 8 else 1e-9) * noise
+        elif kind == 10:
+            j = torch.zeros(2, 3, dtype=F64)
+            j[0, 0] = j[1, 1] = 1.5 + i / count
+        elif kind == 11:
+            j[1] = 0.7 * j[0] + 1e-2 * noise
+        elif kind == 12:
+            j = torch.randn(2, 1, generator=gen, dtype=F64)
+        out.append((kind, j @ j.T))
+    return out

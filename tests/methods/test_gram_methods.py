@@ -12,7 +12,7 @@ import torch
 import gradbal
 from gradbal.methods import get_method
 
-from ._grams import F64, degenerate, opposite_pair, rand_jacobian, well_conditioned
+from ._grams import F64, degenerate, k2_pairs, opposite_pair, rand_jacobian, well_conditioned
 
 #: Every Gram-based method of the zoo (and the existing ones), with options for the tests.
 GRAM_METHODS = [
@@ -112,35 +112,10 @@ def test_imtl_g_equal_projections_on_unit_gradients(k):
     assert torch.isclose(w.sum(), torch.tensor(1.0, dtype=F64))
 
 
-def _imtl_pairs(count, seed=0):
-    """2 x 2 Gram matrices: random, parallel, opposite, nearly opposite (inside and around the
-    rank cut), one or two zero gradients, norms 12 decades apart."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(count):
-        j = torch.randn(2, 1 + i % 5, generator=gen, dtype=F64)
-        kind = i % 8
-        noise = torch.randn(j.shape[1], generator=gen, dtype=F64)
-        if kind == 1:
-            j[1] = 3 * j[0]
-        elif kind == 2:
-            j[1] = -0.5 * j[0]
-        elif kind == 3:
-            j[0] = 0
-        elif kind == 4:
-            j.zero_()
-        elif kind in (5, 7):
-            j[1] = -2 * j[0] + (1e-5 if kind == 5 else 1e-3) * noise
-        elif kind == 6:
-            j = j * torch.tensor([[1e-6], [1e6]], dtype=F64)
-        out.append(j @ j.T)
-    return out
-
-
 def test_imtl_g_k2_closed_form_matches_the_eigendecomposition():
     from gradbal.methods.imtl import _imtl_g, _imtl_g_2
 
-    for g in _imtl_pairs(400):
+    for _, g in k2_pairs(520):
         torch.testing.assert_close(_imtl_g_2(g), _imtl_g(g), rtol=0, atol=1e-9)
         w = _imtl_g_2(g)
         n = g.diagonal().sqrt()
