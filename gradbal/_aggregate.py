@@ -64,7 +64,15 @@ def aggregate(
     m.check_num_objectives(k)
     loss_values = None
     if losses is not None:
-        loss_values = torch.as_tensor(losses).detach().to(device=grads.device, dtype=torch.float64)
+        if (
+            isinstance(losses, Tensor)
+            and losses.dtype == torch.float64
+            and losses.device == grads.device
+            and not losses.requires_grad
+        ):
+            loss_values = losses  # the common case, without three no-op dispatches
+        else:
+            loss_values = torch.as_tensor(losses).detach().to(device=grads.device, dtype=torch.float64)
         if loss_values.shape != (k,):
             raise ValueError(f"losses must have shape ({k},) to match grads, got {tuple(loss_values.shape)}")
         if validate and m.requires_nonnegative_losses and bool((loss_values < 0).any()):
