@@ -137,6 +137,14 @@ def test_aligned_mtl_k2_closed_form_matches_the_eigendecomposition(mode):
 
 
 @pytest.mark.parametrize("mode", SCALE_MODES)
+def test_aligned_mtl_k2_takes_the_closed_form(mode):
+    """AlignedMTL at K = 2 is the closed form, on the CPU as elsewhere (same bits)."""
+    for i, (_, g) in enumerate(PAIRS[:60]):
+        p = _prefs(i)[1]
+        assert torch.equal(AlignedMTL(mode, pref_vector=p).weights(g, None), _aligned_mtl_2(g, p, mode))
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
 def test_aligned_mtl_k2_closed_form_documented_cases(mode):
     ones = torch.ones(2, dtype=F64)
     # full rank, diagonal: B = sqrt(s) diag(1/2, 1) with s = 1 (min, median) or 2.5 (rmse)
