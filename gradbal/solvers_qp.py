@@ -39,6 +39,7 @@ from torch import Tensor
 from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
+    "cagrad_direction_2",
     "cagrad_weights",
     "fair_weights",
     "jacobi_eigh",
@@ -585,6 +586,61 @@ def _cagrad_2(g: Tensor, a: Tensor, phi: Tensor) -> Tensor:
     t_in = ((-alpha * torch.sqrt(det / den) - c1) / c2).clamp(0, 1)
     t = torch.where(inner, t_in, (alpha < 0).to(g.dtype))
     return torch.stack([t, 1 - t])
+
+
+@functools.lru_cache(maxsize=16)
+def _cagrad_2_consts(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For :func:`cagrad_direction_2`: the [4, 9] map of the flattened G = [G11, G12, G21,
+    G22] (G12 and G21 averaged as s) to ``(tr, alpha, m, c1, 2 c1, c2, G11, s, G22)``; the
+    affine map ``t -> (t, 1 - t)``; the mean's weights (1/2, 1/2)."""
+    h, q = 0.5, 0.25
+    cols = [
+        [1.0, 0, 0, 1],  # tr = G11 + G22
+        [h, 0, 0, -h],  # alpha = a_1 - a_2, a = G b with b = (1/2, 1/2)
+        [q, q, q, q],  # m = b^T G b = mean(a)
+        [0, h, h, -1],  # c1 = s - G22
+        [0, 1, 1, -2],  # 2 c1
+        [1, -1, -1, 1],  # c2 = G11 + G22 - 2 s = ||g_1 - g_2||^2
+        [1, 0, 0, 0],  # G11
+        [0, h, h, 0],  # s
+        [0, 0, 0, 1],  # G22
+    ]
+    f64 = {"dtype": torch.float64, "device": device}
+    return (
+        torch.tensor(cols, **f64).T.contiguous(),
+        torch.tensor([0.0, 1.0], **f64),
+        torch.tensor([1.0, -1.0], **f64),
+        torch.tensor([0.5, 0.5], **f64),
+    )
+
+
+def cagrad_direction_2(gram: Tensor, c: float, norm_eps: float) -> Tensor:
+    """CAGrad's direction weights at K = 2, ``w = b + (phi / ||g_w*||) w*`` (0 when
+    ``||g_w*|| <= norm_eps sqrt(trace(G))``), before the rescale: what
+    :func:`cagrad_weights` and :class:`~gradbal.methods.cagrad.CAGrad` compute, in 34 small
+    ops instead of 55.
+
+    :func:`_cagrad_2`'s closed form on the segment ``w = (t, 1 - t)``, taken on G itself: t
+    and ``phi / ||g_w||`` are scale invariant, so the trace normalisation is left out, and
+    every quantity linear in G (``alpha``, ``m = b^T G b`` with ``phi^2 = c^2 m``, ``c1``,
+    ``c2``, the trace) comes from one product with a constant [4, 9] matrix. With
+    ``||g_w||^2 = G22 + 2 c1 t + c2 t^2`` the threshold reads ``||g_w||^2 <= norm_eps^2
+    trace(G)`` (a zero or negative trace counts as 1, as in the normalisation). Non-finite
+    entries of G read as 0."""
+    coef, offset, slope, half = _cagrad_2_consts(gram.device)
+    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    flat = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).reshape(4)
+    tr, alpha, m, c1, c1x2, c2, g11, s, g22 = (flat @ coef).unbind()
+    det = torch.addcmul(g11 * g22, s, s, value=-1).clamp_min(0)
+    phi2 = m.clamp_min(0) * (c * c)
+    den = torch.addcmul(phi2 * c2, alpha, alpha, value=-1)
+    # den > 0 implies c2 > 0: the unguarded divisions are finite where they are taken.
+    t_in = (torch.addcmul(c1, alpha, torch.sqrt(det / den)) / c2.neg()).clamp(0, 1)
+    t = torch.where(den > 0, t_in, alpha < 0)
+    r2 = torch.addcmul(g22, t, torch.addcmul(c1x2, c2, t)).clamp_min(0)
+    w_opt = torch.addcmul(offset, t, slope)
+    small = r2 <= torch.where(tr > 0, tr, 1.0) * (norm_eps * norm_eps)
+    return torch.where(small, 0.0, torch.addcmul(half, torch.sqrt(phi2) / torch.sqrt(r2), w_opt))
 
 
 def _cagrad_enumerate(g: Tensor, a: Tensor, phi: Tensor) -> Tensor:

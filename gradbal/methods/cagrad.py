@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers_qp import CAGRAD_ITERATIONS, cagrad_weights
+from ..solvers_qp import CAGRAD_ITERATIONS, cagrad_direction_2, cagrad_weights
 from ._base import Method
 from ._registry import register_method
 
@@ -26,7 +26,7 @@ class CAGrad(Method):
     closed form for K = 2, exact face enumeration for K <= 8, interior point + exact solves
     on the faces it ranks above).
 
-    With ``c = 0`` CAGrad is the mean gradient. When ``||g_w*||`` is below
+    With ``c = 0`` CAGrad is the mean gradient. When ``||g_w*||`` is at or below
     ``norm_eps * sqrt(trace(G))`` the gradients are (nearly) Pareto-stationary and the
     direction is 0 (TorchJD's rule, applied to the trace-normalised Gram matrix as TorchJD
     does).
@@ -70,12 +70,16 @@ class CAGrad(Method):
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         if self.c == 0:
             w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
+        elif k == 2:
+            w = cagrad_direction_2(gram, self.c, self.norm_eps)  # the same, in fewer ops
         else:
             w_opt, r, phi = cagrad_weights(gram, self.c, self.iterations)
-            # Below the threshold the direction is 0; above it r > 0 and phi / r is finite
-            # (where() never lets the unselected branch's inf/NaN through).
-            w = torch.where(r < self.norm_eps, 0.0, (phi / r) * w_opt + 1.0 / k)
-        return (w / divisor).to(gram.dtype)
+            # At or below the threshold the direction is 0 (r = 0 included, also with
+            # norm_eps = 0); above it r > 0 and phi / r is finite (where() never lets the
+            # unselected branch's inf/NaN through).
+            w = torch.where(r <= self.norm_eps, 0.0, (phi / r) * w_opt + 1.0 / k)
+        w = w / divisor
+        return w if w.dtype == gram.dtype else w.to(gram.dtype)
 
     def __repr__(self) -> str:
         return f"CAGrad(c={self.c}, rescale={self.rescale}, norm_eps={self.norm_eps})"

@@ -16,8 +16,9 @@ import torch
 from gradbal.methods.aligned_mtl import SCALE_MODES, AlignedMTL, _aligned_mtl_2
 from gradbal.methods.config import ConFIG, _config, _config_2
 from gradbal.methods.imtl import _imtl_g, _imtl_g_2
+from gradbal.solvers_qp import cagrad_direction_2, cagrad_weights
 
-from ._grams import F64, k2_pairs
+from ._grams import F64, k2_pairs, stress_pairs
 
 EPS = torch.finfo(F64).eps
 RTOL_2 = 2 * torch.finfo(torch.float32).eps  # rank_mask's cut-off at K = 2
@@ -197,3 +198,56 @@ def test_aligned_mtl_k2_on_cuda_takes_the_closed_form(mode):
         w = m.weights(g.cuda(), None).cpu()
         ref, b_norm = _aligned_general(g, torch.ones(2, dtype=F64), mode)
         assert (w - ref).abs().max() <= (1e-12 + 8 * EPS * _cond(g)) * b_norm, (kind, g)
+
+
+# ------------------------------------------------------------------------------ CAGrad
+
+
+def _cagrad_general(g, c, norm_eps):
+    """CAGrad's direction weights from the trace-normalised solve (cagrad_weights)."""
+    w_opt, r, phi = cagrad_weights(g, c)
+    return torch.where(r <= norm_eps, 0.0, (phi / r) * w_opt + 0.5)
+
+
+@pytest.mark.parametrize("c", [0.1, 0.5, 1.0, 2.0])
+def test_cagrad_k2_direct_form_matches_the_normalised_solve(c):
+    """cagrad_direction_2 (one constant product, no normalisation) against cagrad_weights'
+    path, as directions: ``||J^T (w - w_ref)|| <= (1e-9 + 4 c sqrt(eps)) sqrt(trace G)
+    (1 + max|w_ref|)``. The ``sqrt(eps)`` term: ``phi = c ||g_0|| = c sqrt(b^T G b)``, and
+    when the mean gradient g_0 is ~0 (nearly opposite pairs) ``b^T G b`` is rounding noise of
+    size ~eps trace(G) in either computation, so phi, and d with it, carry an error up to
+    ``c sqrt(eps trace(G))``. Weights alone may differ where the direction does not
+    (nearly Pareto-stationary pairs have many optimal w*). With norm_eps = 0 on rank-one
+    pairs the direction itself is 0 / 0 (``g_w* = 0``) and rounding picks it, so those are
+    left to the default norm_eps."""
+    grams = [g for _, g in k2_pairs(520)] + [j @ j.T for j in stress_pairs(400)]
+    for norm_eps in (1e-4, 0.0):
+        for g in grams:
+            full_rank = g[0, 0] * g[1, 1] - g[0, 1] ** 2 > 1e-6 * g[0, 0] * g[1, 1]
+            if norm_eps == 0 and not full_rank:
+                continue
+            w, ref = cagrad_direction_2(g, c, norm_eps), _cagrad_general(g, c, norm_eps)
+            assert torch.isfinite(w).all()
+            d = w - ref
+            gap = torch.sqrt((d @ g @ d).clamp_min(0))
+            tol = (1e-9 + 4 * c * EPS**0.5) * torch.sqrt(g.trace()) * (1 + ref.abs().max())
+            assert gap <= tol, (norm_eps, g, w, ref)
+
+
+def test_cagrad_method_uses_the_direct_form_at_k2():
+    from gradbal.methods.cagrad import CAGrad
+
+    for rescale, divisor in ((0, 1.0), (1, 1.25), (2, 1.5)):
+        m = CAGrad(c=0.5, rescale=rescale)
+        for _, g in k2_pairs(60):
+            assert torch.equal(m.weights(g, None), cagrad_direction_2(g, 0.5, 1e-4) / divisor)
+    # c = 0: the mean, exactly
+    assert torch.equal(CAGrad(c=0.0).weights(k2_pairs(1)[0][1], None), torch.full((2,), 0.5, dtype=F64))
+
+
+def test_cagrad_k2_zero_and_nonfinite_grams_give_zero():
+    """A zero Gram matrix (and non-finite entries, read as 0) is Pareto-stationary: d = 0,
+    with norm_eps = 0 too (||g_w*|| = 0 <= 0), where 0 / 0 used to give NaN."""
+    for g in (torch.zeros(2, 2, dtype=F64), torch.full((2, 2), float("nan"), dtype=F64)):
+        for norm_eps in (1e-4, 0.0):
+            assert torch.equal(cagrad_direction_2(g, 0.5, norm_eps), torch.zeros(2, dtype=F64))
