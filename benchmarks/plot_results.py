@@ -1,0 +1,191 @@
+"""Plots of the benchmark CSVs, for looking instead of reading tables.
+
+Reads every ``bench_*.csv`` in a results folder (the CPU ones committed in
+benchmarks/results/, or a GPU session's copied there) and writes one PNG per CSV next to it
+(or into ``--out``):
+
+* ``bench_aggregate*.csv``: heatmaps of ``aggregate / floor`` per method and (K, N), coloured
+  around the 1.2x target, and of ``torchjd / gradbal`` (> 1: gradbal faster) around 1;
+* ``bench_weights*.csv``: top-level ops of the K x K stage against K per method (log scale),
+  and, when the run had ``--compile``, the eager / compiled speed-up per method and K;
+* ``bench_kernels*.csv``: each op's share of the measured copy bandwidth against N, one panel
+  per dtype, one line per provider and K;
+* ``bench_step*.csv``: each provider's step time relative to a plain step, with p20-p80.
+
+    python benchmarks/plot_results.py                       # benchmarks/results/*.csv
+    python benchmarks/plot_results.py --results gpu_out --out benchmarks/results/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import math
+import os
+from collections import defaultdict
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(v: str) -> float:
+    return float(v) if v not in ("", None) else math.nan
+
+
+def _heatmap(ax, values, rows, cols, center, title, better="low", fmt="{:.2f}"):
+    """Annotated heatmap, green on the good side of ``center`` (``better``: "low" or
+    "high"); the colours saturate at 1/3 and 3 times the centre so one outlier (a peer
+    100x slower) does not wash out the rest."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    finite = [v for line in values for v in line if not math.isnan(v)]
+    lo = max(min(finite + [center * 0.9]), center / 3)
+    hi = min(max(finite + [center * 1.1]), center * 3)
+    cmap = "RdYlGn_r" if better == "low" else "RdYlGn"
+    im = ax.imshow(values, cmap=cmap, norm=TwoSlopeNorm(center, lo, hi), aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i, line in enumerate(values):
+        for j, v in enumerate(line):
+            if not math.isnan(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6)
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def plot_aggregate(rows: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+
+    configs = sorted({(int(r["N"]), int(r["K"])) for r in rows})
+    cols = [f"K={k}, N={n:.0e}" for n, k in configs]
+    ours = [r for r in rows if r["provider"] == "gradbal" and r["method"] != "floor"]
+    # Gram-based methods only (the others skip the Gram pass and sit below the floor).
+    names = sorted({r["method"] for r in ours if _num(r["ratio_to_floor"]) >= 0.9 and r["method"] != "graddrop"})
+    cell = {(r["method"], int(r["N"]), int(r["K"])): r for r in ours}
+    ratio = [[_num(cell[(m, n, k)]["ratio_to_floor"]) if (m, n, k) in cell else math.nan for n, k in configs] for m in names]
+    peer = [[_num(cell[(m, n, k)]["torchjd_over_gradbal"]) if (m, n, k) in cell else math.nan for n, k in configs]
+            for m in names]
+    has_peer = any(not math.isnan(v) for line in peer for v in line)
+    fig, axes = plt.subplots(1, 2 if has_peer else 1, figsize=(13 if has_peer else 7, 0.32 * len(names) + 2.2))
+    axes = axes if has_peer else [axes]
+    device = rows[0].get("device", "")
+    _heatmap(axes[0], ratio, names, cols, 1.2, f"aggregate / floor ({device}; target <= 1.2)")
+    if has_peer:
+        _heatmap(axes[1], peer, names, cols, 1.0, "torchjd / gradbal (> 1: gradbal faster)", better="high")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def plot_weights(rows: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    ks = sorted({int(r["K"]) for r in rows})
+    names = sorted({r["method"] for r in rows})
+    by = {(r["method"], int(r["K"])): r for r in rows}
+    compiled = any(r.get("compiled_us", "") not in ("", None) for r in rows)
+    fig, axes = plt.subplots(1, 2 if compiled else 1, figsize=(13 if compiled else 7, 5.5))
+    axes = axes if compiled else [axes]
+    for name in names:
+        pts = [(k, int(by[(name, k)]["ops"])) for k in ks if (name, k) in by]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    axes[0].set(xscale="log", yscale="log", xlabel="K", ylabel="top-level ops (GPU: kernel launches)",
+                title=f"Method.weights: ops of the K x K stage ({rows[0].get('device', '')})")
+    axes[0].set_xticks(ks, [str(k) for k in ks])
+    axes[0].xaxis.set_minor_formatter(NullFormatter())
+    axes[0].legend(fontsize=6, ncol=2)
+    if compiled:
+        speed = [[_num(by[(m, k)]["median_us"]) / _num(by[(m, k)]["compiled_us"]) if (m, k) in by else math.nan
+                  for k in ks] for m in names]
+        _heatmap(axes[1], speed, names, [f"K={k}" for k in ks], 1.0,
+                 "compile_method: eager / compiled time (> 1: compiled faster)", better="high", fmt="{:.1f}x")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def plot_kernels(rows: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        lines = defaultdict(list)
+        for r in rows:
+            if r["dtype"] == dtype and r.get("pct_of_copy", "") not in ("", None):
+                lines[(r["op"], r["provider"], int(r["K"]))].append((int(float(r["N"])), _num(r["pct_of_copy"])))
+        for (op, provider, k), pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{op} {provider} K={k}")
+        ax.axhline(85, color="grey", linestyle="--", linewidth=1)
+        ax.set(xscale="log", xlabel="N", ylabel="% of measured copy bandwidth",
+               title=f"{dtype} ({rows[0].get('device', '')}; target >= 85% for N >= 1e7)")
+        ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def plot_step(rows: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+
+    plain = _num(next(r for r in rows if r["provider"] == "plain")["median_ms"])
+    names = [r["provider"] for r in rows]
+    med = [_num(r["median_ms"]) / plain for r in rows]
+    lo = [m - _num(r["p20_ms"]) / plain for m, r in zip(med, rows)]
+    hi = [_num(r["p80_ms"]) / plain - m for m, r in zip(med, rows)]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+    ax.barh(names, med, xerr=[lo, hi], color=["tab:green" if n.startswith("gradbal") else "tab:grey" for n in names])
+    ax.axvline(1.8, color="tab:red", linestyle="--", linewidth=1, label="mokd target 1.8x")
+    ax.invert_yaxis()
+    ax.set(xlabel="step time / plain step (median, p20-p80)",
+           title=f"K = 2 KD step ({rows[0].get('device', '')}, batch {rows[0].get('batch', '?')})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+PLOTTERS = {
+    "bench_aggregate": plot_aggregate,
+    "bench_weights": plot_weights,
+    "bench_kernels": plot_kernels,
+    "bench_step": plot_step,
+}
+
+
+def plot_folder(results: str, out: str | None = None) -> list[str]:
+    """One PNG per recognised CSV in ``results``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = out or results
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for path in sorted(glob.glob(os.path.join(results, "bench_*.csv"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        kind = next((k for k in PLOTTERS if name.startswith(k)), None)
+        rows = _rows(path)
+        if kind is None or not rows:
+            continue
+        target = os.path.join(out, name + ".png")
+        PLOTTERS[kind](rows, target)
+        written.append(target)
+    return written
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=None, help="default: the results folder")
+    args = p.parse_args(argv)
+    for path in plot_folder(args.results, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

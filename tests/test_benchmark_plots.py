@@ -1,0 +1,50 @@
+"""benchmarks/plot_results.py: every kind of benchmark CSV becomes a PNG (the committed CPU
+results, and a GPU-style bench_kernels CSV, which no committed run has yet)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plot_results():
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "benchmarks" / "plot_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _kernels_csv(path: Path) -> None:
+    fields = ["device", "op", "provider", "dtype", "K", "N", "median_ms", "p20_ms", "p80_ms",
+              "bytes", "GBps", "copy_GBps", "pct_of_copy", "host_sync"]  # fmt: skip
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for dtype in ("fp32", "bf16"):
+            for provider, pct in (("triton", 88.0), ("torch", 61.0)):
+                for n in (1e6, 1e7):
+                    w.writerow({"device": "cuda", "op": "gram", "provider": provider, "dtype": dtype, "K": 8,
+                                "N": n, "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "bytes": 1,
+                                "GBps": 1.0, "copy_GBps": 2.0, "pct_of_copy": pct, "host_sync": 0})
+
+
+def test_every_benchmark_csv_becomes_a_png(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    _kernels_csv(results / "bench_kernels_gpu.csv")
+    (results / "bench_unknown.csv").write_text("a,b\n1,2\n")  # not a benchmark this script knows
+    written = _plot_results().plot_folder(str(results), str(tmp_path / "plots"))
+    names = sorted(Path(p).name for p in written)
+    csvs = sorted(p.stem + ".png" for p in results.glob("bench_*.csv") if p.name != "bench_unknown.csv")
+    assert names == csvs
+    for p in written:
+        data = Path(p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p
