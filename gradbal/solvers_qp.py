@@ -351,23 +351,54 @@ def _dual_cone_enumerate(q: Tensor, u: Tensor) -> Tensor:
     return v.permute(2, 0, 1).gather(1, best.view(-1, 1, 1).expand(-1, 1, k)).squeeze(1)
 
 
-def _dual_cone_2(q: Tensor, u: Tensor) -> Tensor:
-    """K = 2 in closed form. q: [2, 2] positive definite; u: [B, 2].
+@functools.lru_cache(maxsize=16)
+def _dual_cone_2_map(ridge: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For :func:`_dual_cone_2`: the [4, 7] map of the flattened G = [G11, G12, G21, G22]
+    to ``(Q11, Q12, Q21, Q22, -Q11, -Q22, trace G)`` of ``Q = sym(G) + ridge trace(G) I``
+    (G12 and G21 averaged), and the unit rows e_1, e_2 as [1, 2] tensors."""
+    r1 = 1.0 + ridge
+    cols = [
+        [r1, 0, 0, ridge],  # Q11
+        [0, 0.5, 0.5, 0],  # Q12
+        [0, 0.5, 0.5, 0],  # Q21
+        [ridge, 0, 0, r1],  # Q22
+        [-r1, 0, 0, -ridge],  # -Q11
+        [-ridge, 0, 0, -r1],  # -Q22
+        [1.0, 0, 0, 1.0],  # trace
+    ]
+    f64 = {"dtype": torch.float64, "device": device}
+    eye = torch.eye(2, **f64)
+    return torch.tensor(cols, **f64).T.contiguous(), eye[:1], eye[1:]
 
-    With the multipliers ``lam = q u``, freeing coordinate i alone moves it by
-    ``x_i = max(0, -lam_i / q_ii)`` (to its minimiser with the other one at its bound) and
-    changes the other multiplier to ``lam_j + q_ij x_i``; that candidate is the minimiser
-    when this is >= 0 (x_i = 0 covers ``v = u``). Coordinate 0's candidate is preferred,
-    then coordinate 1's; when neither is valid both coordinates are free and v = 0 (then
-    u <= 0).
-    """
+
+def _dual_cone_2(gram: Tensor, u: Tensor, ridge: float, norm_eps: float) -> Tensor:
+    """K = 2 in closed form, from G itself: ``argmin_{v >= u} v^T Q v`` for each row of u
+    [B, 2], with ``Q = G / trace(G) + ridge I`` (:func:`project_dual_cone`) taken as
+    ``trace(G) Q = sym(G) + ridge trace(G) I`` (the minimiser is scale invariant), whose
+    entries are linear in G: one product with a constant [4, 7] matrix, ~23 small ops where
+    normalising first took 36.
+
+    With the multipliers ``lam = u Q``, freeing coordinate i alone moves it by
+    ``x_i = max(0, -lam_i / Q_ii)`` (to its minimiser with the other one at its bound) and
+    changes the other multiplier to ``lam_j + Q_ij x_i``; that candidate is the minimiser
+    when this is >= 0 (x_i = 0 covers ``v = u``), up to ``1e-12 max|u| trace(G)`` of rounding.
+    Coordinate 0's candidate is preferred, then coordinate 1's; when neither is valid both
+    coordinates are free and v = 0 (then u <= 0). A zero G (or, with ``norm_eps``, one of
+    trace below it) gives Q = 0: every candidate is NaN, so v = 0 and the caller's
+    ``max(v, u)`` returns ``max(u, 0)``, the projection for ``Q = ridge I``, as before.
+    Non-finite entries of G read as 0."""
+    coef, e0, e1 = _dual_cone_2_map(ridge, gram.device)
+    g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    flat = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).reshape(4)
+    if norm_eps > 0:  # TorchJD's rule: G counts as 0 below a trace of norm_eps
+        flat = flat * ((flat[0] + flat[3]) >= norm_eps)
+    m = flat @ coef
+    q, neg_diag, tr = m[:4].view(2, 2), m[4:6], m[6]
     lam = u @ q
-    x = (lam / -q.diagonal()).clamp_min(0)
-    tol = u.abs().amax(-1, keepdim=True) * -1e-12
-    valid = torch.addcmul(lam.flip(-1), q.flip(-1).diagonal(), x) >= tol
-    e0, e1 = _eye(2, q.device)
-    zero, _ = _scalars(q.device)
-    both_free_or_1 = torch.where(valid[:, 1:], torch.addcmul(u, x, e1), zero)  # v = 0: neither valid
+    x = (lam / neg_diag).clamp_min(0)
+    tol = u.abs().amax(-1, keepdim=True) * (tr * -1e-12)
+    valid = torch.addcmul(lam.flip(-1), x, m[1]) >= tol  # m[1] = Q12
+    both_free_or_1 = torch.where(valid[:, 1:], torch.addcmul(u, x, e1), 0.0)  # v = 0: neither valid
     return torch.where(valid[:, :1], torch.addcmul(u, x, e0), both_free_or_1)
 
 
@@ -484,21 +515,22 @@ def project_dual_cone(
         v [..., K] (float64), finite for any input.
     """
     k = gram.shape[-1]
-    q, tr = _trace_normalise(gram)
-    if norm_eps > 0:
-        q = q * (tr >= norm_eps)
-    q.diagonal().add_(reg_eps + _RIDGE)
     batch = u.shape[:-1]
     uu = (u if u.dtype == torch.float64 else u.to(torch.float64)).reshape(-1, k)
     if k == 2:
-        v = _dual_cone_2(q, uu)
-    elif k <= EXACT_MAX_K:
-        v = _dual_cone_enumerate(q, uu)
+        v = _dual_cone_2(gram, uu, reg_eps + _RIDGE, norm_eps)
     else:
-        # Unit diagonal (v = D v'): the interior point then starts well scaled whatever the
-        # spread of gradient norms.
-        dsc = q.diagonal().rsqrt()
-        v = dsc * _dual_cone_ipm(q * dsc.unsqueeze(0) * dsc.unsqueeze(1), uu / dsc, iterations)
+        q, tr = _trace_normalise(gram)
+        if norm_eps > 0:
+            q = q * (tr >= norm_eps)
+        q.diagonal().add_(reg_eps + _RIDGE)
+        if k <= EXACT_MAX_K:
+            v = _dual_cone_enumerate(q, uu)
+        else:
+            # Unit diagonal (v = D v'): the interior point then starts well scaled whatever
+            # the spread of gradient norms.
+            dsc = q.diagonal().rsqrt()
+            v = dsc * _dual_cone_ipm(q * dsc.unsqueeze(0) * dsc.unsqueeze(1), uu / dsc, iterations)
     # Rounding (and the checks' tolerances) may leave v a hair below u: clip to feasible. A
     # Gram matrix that is not positive semi-definite (garbage in: the problem is unbounded)
     # may give an infeasible or non-finite v; it reads as 0 here, so v stays finite.

@@ -16,7 +16,13 @@ import torch
 from gradbal.methods.aligned_mtl import SCALE_MODES, AlignedMTL, _aligned_mtl_2
 from gradbal.methods.config import ConFIG, _config, _config_2
 from gradbal.methods.imtl import _imtl_g, _imtl_g_2
-from gradbal.solvers_qp import cagrad_direction_2, cagrad_weights
+from gradbal.solvers_qp import (
+    _dual_cone_enumerate,
+    _trace_normalise,
+    cagrad_direction_2,
+    cagrad_weights,
+    project_dual_cone,
+)
 
 from ._grams import F64, k2_pairs, stress_pairs
 
@@ -251,3 +257,42 @@ def test_cagrad_k2_zero_and_nonfinite_grams_give_zero():
     for g in (torch.zeros(2, 2, dtype=F64), torch.full((2, 2), float("nan"), dtype=F64)):
         for norm_eps in (1e-4, 0.0):
             assert torch.equal(cagrad_direction_2(g, 0.5, norm_eps), torch.zeros(2, dtype=F64))
+
+
+# ----------------------------------------------------------------- dual cone (UPGrad, DualProj)
+
+
+def _dual_cone_by_enumeration(g, u, reg_eps, norm_eps):
+    """The exact support enumeration (the K <= 8 path) on the trace-normalised Q."""
+    q, tr = _trace_normalise(g)
+    if norm_eps > 0:
+        q = q * (tr >= norm_eps)
+    q.diagonal().add_(reg_eps + 1e-10)
+    v = torch.nan_to_num(_dual_cone_enumerate(q, u), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.maximum(v, u)
+
+
+@pytest.mark.parametrize("reg_eps, norm_eps", [(1e-4, 0.0), (0.0, 0.0), (1e-4, 1e-4)])
+def test_dual_cone_k2_closed_form_matches_the_enumeration(reg_eps, norm_eps):
+    """project_dual_cone at K = 2 (one constant product on G, no normalisation) against the
+    exact enumeration of the free sets on the normalised Q, for UPGrad's targets (rows of
+    diag(p)), DualProj's (p) and signed ones, over the rank-cut pairs and the stress pairs
+    (plus zero and non-finite Grams): the same directions to 1e-9 of sqrt(trace G) (1 +
+    |v|)."""
+    gen = torch.Generator().manual_seed(5)
+    targets = [torch.eye(2, dtype=F64) / 2, torch.tensor([[0.5, 0.5]], dtype=F64),
+               torch.tensor([[1.0, -0.3], [-1.0, -2.0]], dtype=F64), torch.randn(4, 2, generator=gen, dtype=F64)]
+    grams = [g for _, g in k2_pairs(520)] + [j @ j.T for j in stress_pairs(400)]
+    grams += [torch.zeros(2, 2, dtype=F64), torch.tensor([[1.0, float("nan")], [0.5, 2.0]], dtype=F64)]
+    for g in grams:
+        for u in targets:
+            v = project_dual_cone(g, u, reg_eps, norm_eps)
+            ref = _dual_cone_by_enumeration(g, u, reg_eps, norm_eps)
+            assert torch.isfinite(v).all() and (v >= u).all()
+            # As directions J^T v: with norms 12 decades apart the enumeration's KKT
+            # tolerance (1e-9 |u|) accepts v_1 = 0 where the exact weight of the tiny
+            # gradient is ~1e-9, a difference of ~1e-15 of the direction.
+            gs = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            gap = torch.sqrt((((v - ref) @ gs) * (v - ref)).sum(-1).clamp_min(0))
+            scale = torch.sqrt(gs.trace().clamp_min(0)) * (1 + ref.abs().amax(-1))
+            assert (gap <= 1e-9 * scale).all(), (g, u, v, ref)
