@@ -92,22 +92,26 @@ class CompiledMethod(Method):
                 _own_entry(self.method), mode=mode, **self.compile_options
             )
         key = (mode, tuple(ref.shape), ref.device, ref.dtype)
-        if key in self._working:
-            return self._finish(fn(gram, losses, generator), mode)
-        # First call for this shape: it compiles. A program with graph breaks runs its
-        # first parts (state updates, random draws) before a later part fails to compile,
-        # so keep what the eager retry must start from.
-        state = self.method.state_dict()
+        # What an eager retry must start from: a program with graph breaks runs its first
+        # parts (state updates, random draws) before a later part fails to compile, and a
+        # recompilation can come at any call (a new value of a Python-int state). State
+        # dicts are clones (one small copy per state tensor); stateless methods have none.
+        state = self.method.state_dict() if self.method.stateful else None
         gen_state = generator.get_state() if generator is not None else None
         try:
-            with warnings.catch_warnings():
-                # Dynamo traces through the solvers' lru_cache'd constant builders (pure
-                # functions of K, device and dtype, so tracing them is exact) and says so.
-                warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+            if key in self._working:
                 w = fn(gram, losses, generator)
+            else:  # the first call for this shape compiles
+                with warnings.catch_warnings():
+                    # Dynamo traces through the solvers' lru_cache'd constant builders (pure
+                    # functions of K, device and dtype, so tracing them is exact) and says so.
+                    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+                    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+                    w = fn(gram, losses, generator)
+                self._working.add(key)
         except Exception as err:  # noqa: BLE001 - a compiler failure of any kind
-            self.method.load_state_dict(state)
+            if state is not None:
+                self.method.load_state_dict(state)
             if gen_state is not None:
                 generator.set_state(gen_state)
             # If the eager call raises too, the input was bad: its error is the one to see.
@@ -121,7 +125,6 @@ class CompiledMethod(Method):
                 stacklevel=2,
             )
             return w
-        self._working.add(key)
         return self._finish(w, mode)
 
     @staticmethod

@@ -116,6 +116,29 @@ def test_failed_compilation_warns_once_and_runs_eagerly(monkeypatch):
     assert calls == [1]
 
 
+def test_failure_on_a_later_call_restores_state_and_generator():
+    """A recompilation can fail at any call (a new value of a Python-int state): the part that
+    ran before the failure (here: a whole eager step of GradVac, which moves its EMA targets,
+    and a draw from the generator) is undone before the eager retry."""
+    k = 3
+    eager, compiled = gradbal.get_method("gradvac"), compile_method("gradvac")
+    ge, gc = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    grams = [well_conditioned(k, seed=s) for s in range(3)]
+    _close(compiled.weights(grams[0], None, gc), eager.weights(grams[0], None, ge))
+
+    def fails_half_way(gram, losses, generator):
+        compiled.method.weights(gram, losses, generator)  # state and generator move...
+        raise RuntimeError("recompilation failed")  # ...then the compiler gives up
+
+    compiled._compiled = {mode: fails_half_way for mode in compiled._compiled}
+    with pytest.warns(RuntimeWarning, match="failed"):
+        w = compiled.weights(grams[1], None, gc)
+    _close(w, eager.weights(grams[1], None, ge))
+    _close(compiled.weights(grams[2], None, gc), eager.weights(grams[2], None, ge))  # eager now
+    assert torch.equal(gc.get_state(), ge.get_state())
+    _close(compiled.state_dict()["target"], eager.state_dict()["target"])
+
+
 def test_bad_input_raises_the_eager_error_and_keeps_compiling():
     compiled = compile_method("upgrad", pref_vector=[0.5, 0.5])
     with pytest.raises(ValueError, match="pref_vector"):
