@@ -51,7 +51,8 @@ def count_ops(fn) -> int:
     )
 
 
-def run(args) -> list[dict]:
+def run(args, on_row=None) -> list[dict]:
+    """Every (K, method) row; ``on_row(row)`` is called as each is measured."""
     import gradbal
 
     device = torch.device(args.device)
@@ -96,6 +97,8 @@ def run(args) -> list[dict]:
             med, p20, p80 = quantiles(eager_t)
             row.update(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             extra = (f"  compiled {row['compiled_us']:9.1f} us (compile {row['compile_s']:.1f} s)"
                      if args.compile else "")
             print(f"K={k:2d} {name:12s} {ops:6d} ops {med * 1e3:9.1f} us" + extra, file=sys.stderr, flush=True)
@@ -133,14 +136,26 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
-    print_table(rows)
+    writer = None
     if args.csv:
+        # Written row by row: a run stopped by a time limit (the GPU session's stages) keeps
+        # what it measured.
         os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        f = open(args.csv, "w", newline="")  # noqa: SIM115 - closed below
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+
+    def on_row(row):
+        if writer is not None:
+            writer.writerow(row)
+            f.flush()
+
+    try:
+        rows = run(args, on_row)
+    finally:
+        if writer is not None:
+            f.close()
+    print_table(rows)
 
 
 if __name__ == "__main__":

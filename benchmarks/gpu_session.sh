@@ -6,8 +6,9 @@
 #     bash benchmarks/gpu_session.sh            # logs and CSVs go to $OUT (or ./gpu_out)
 #
 # Stages, each under its own timeout so that a hang in one still leaves the others' output
-# (at most 6.8 minutes of stages plus the install; run it with timeout_s 460, which leaves
-# a 15-minute device budget room for a partial rerun):
+# (at most 7.2 minutes of stages plus the install; run it with timeout_s 480, which leaves
+# a 15-minute device budget room for a partial rerun; bench_weights writes its CSV row by row,
+# so a stage cut by its limit keeps what it measured):
 #   env             card, driver, torch/triton versions, date (UTC): what RESULTS.md must quote
 #   gpu_tests       pytest -m gpu on the modules that hold GPU tests (kernels against fp64,
 #                   bit determinism, no host sync under torch.cuda.set_sync_debug_mode("error"),
@@ -57,7 +58,7 @@ stage bench_kernels_1e8 35 "$py" benchmarks/bench_kernels.py --ks 2,8 --ns 1e8 \
     --dtypes fp32,bf16 --providers triton,torch --reps 10 --csv "$out/bench_kernels_gpu_1e8.csv"
 stage bench_weights 20 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
     --csv "$out/bench_weights_gpu.csv"
-stage bench_weights_compiled 40 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
+stage bench_weights_compiled 60 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
     --ks 4 16 --methods mokd mgda upgrad --compile --csv "$out/bench_weights_compiled_gpu.csv"
 stage bench_aggregate 50 "$py" benchmarks/bench_aggregate.py --device cuda --reps 5 \
     --csv "$out/bench_aggregate_gpu.csv"
