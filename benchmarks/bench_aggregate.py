@@ -160,7 +160,8 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
     return result
 
 
-def run(args) -> list[dict]:
+def run(args, on_config=None) -> list[dict]:
+    """Every row; ``on_config(rows)`` is called with each (K, N)'s rows as they are done."""
     import gradbal
 
     try:
@@ -172,7 +173,10 @@ def run(args) -> list[dict]:
     rows_out = []
     for n in args.ns:
         for k in args.ks:
-            rows_out += bench_config(args, k, n, methods, tjd)
+            rows = bench_config(args, k, n, methods, tjd)
+            if on_config is not None:
+                on_config(rows)
+            rows_out += rows
     return rows_out
 
 
@@ -222,9 +226,12 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(f"# {platform.node()} {platform.processor() or platform.machine()} torch {torch.__version__} "
           f"device {args.device} threads {torch.get_num_threads()} reps {args.reps}", file=sys.stderr)
-    rows = run(args)
-    print_tables(rows)
-    if args.csv:
+
+    def on_config(rows):
+        # Appended per (K, N): a run stopped by a time limit (the GPU session's stages) keeps
+        # the configurations it finished.
+        if not args.csv:
+            return
         os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
         new = not os.path.exists(args.csv)
         with open(args.csv, "a", newline="") as f:
@@ -232,6 +239,8 @@ def main(argv=None) -> None:
             if new:
                 writer.writeheader()
             writer.writerows(rows)
+
+    print_tables(run(args, on_config))
 
 
 if __name__ == "__main__":
