@@ -57,7 +57,7 @@ class CompiledMethod(Method):
         for flag in ("name", "requires_losses", "stateful", "requires_task_gradients", "needs_gram", "elementwise"):
             setattr(self, flag, getattr(method, flag))
         self._compiled: dict[str | None, Any] = {}  # resolved mode -> compiled weights
-        self._working: set[tuple] = set()  # (mode, shape, device, dtype) compiled and run
+        self._working: set[tuple] = set()  # (mode, shape, device, dtype) that ran compiled
         self._failed = False
 
     def __getattr__(self, attr: str) -> Any:
@@ -91,6 +91,10 @@ class CompiledMethod(Method):
             fn = self._compiled[mode] = torch.compile(
                 _own_entry(self.method), mode=mode, **self.compile_options
             )
+        # Contiguous inputs: Dynamo guards on strides, and a strided view (a slice of a
+        # larger Gram matrix) would otherwise compile the program once more.
+        if gram is not None:
+            gram = gram.contiguous()
         key = (mode, tuple(ref.shape), ref.device, ref.dtype)
         # What an eager retry must start from: a program with graph breaks runs its first
         # parts (state updates, random draws) before a later part fails to compile, and a
@@ -99,16 +103,16 @@ class CompiledMethod(Method):
         state = self.method.state_dict() if self.method.stateful else None
         gen_state = generator.get_state() if generator is not None else None
         try:
-            if key in self._working:
+            with warnings.catch_warnings():
+                # Dynamo traces through the solvers' lru_cache'd constant builders (pure
+                # functions of K, device and dtype, so tracing them is exact) and says so;
+                # inductor's lowering warns about its own deprecations. Both can come at any
+                # call: a method's Python caches (its target vectors) fill on the first call,
+                # so the second compiles once more.
+                warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
                 w = fn(gram, losses, generator)
-            else:  # the first call for this shape compiles
-                with warnings.catch_warnings():
-                    # Dynamo traces through the solvers' lru_cache'd constant builders (pure
-                    # functions of K, device and dtype, so tracing them is exact) and says so.
-                    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-                    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-                    w = fn(gram, losses, generator)
-                self._working.add(key)
+            self._working.add(key)
         except Exception as err:  # noqa: BLE001 - a compiler failure of any kind
             if state is not None:
                 self.method.load_state_dict(state)
