@@ -10,14 +10,16 @@ on CUDA its ``"reduce-overhead"`` mode replays the whole stage as one CUDA graph
 
 Measured on the 2-core CPU VM (1 thread; ``python benchmarks/bench_weights.py --threads 1
 --reps 60 --compile``, eager and compiled calls round-robin; table in benchmarks/RESULTS.md):
-at K = 16 the compiled stage is 1.4-3.7x faster (mgda 2.9x, cagrad 2.9x, gradvac 3.7x,
-upgrad 1.6x); at K = 2 and 4 most methods gain 1.4-2.4x, but the few-op closed forms (pcgrad,
-imtl_g, config at K = 2: 9-11 ops) lose to the wrapper's own ~15 us, aligned_mtl is level
-(LAPACK's eigendecomposition is most of it), and at K = 8 the support enumerations (mgda,
-dualproj: one batched solve of 2^8 systems) can run slower compiled (0.6-0.7x). The price is a compilation on the first call for each K (seconds; up to ~20 s
-for the K > 8 interior points), so it pays in training loops, not in one-off calls. On CUDA
-the gain is expected to be larger (hundreds of launches become one graph replay); no GPU
-has measured it yet.
+at K = 16 the compiled stage is 1.4-3.6x faster (gradvac 3.6x, mgda and mokd 3.4x, cagrad
+2.8x, dualproj 2.1x, upgrad 1.5x) and most methods gain 1.1-2.0x at K = 2 and 4; it is
+slower for the few-op K = 2 closed forms (pcgrad, imtl_g, config, mgda: 0.64-0.88x, the
+wrapper's snapshot and warning filter and Dynamo's guards cost ~15-20 us), for aligned_mtl
+at K >= 4 (LAPACK's eigendecomposition is most of it) and for the K = 8 support
+enumerations of mgda and dualproj (0.6-0.7x). The price is a compilation on the first call
+for each K (2-30 s cold, the K > 8 interior points the longest; a second, shorter one when
+a method's Python caches fill on its first call), so it pays in training loops, not in
+one-off calls. On CUDA the gain is expected to be larger (hundreds of launches become one
+graph replay); no GPU has measured it yet.
 
 Only :meth:`Method.weights` is compiled; everything else (state, trainable parameters,
 elementwise passes) is the wrapped method's own. A compilation that fails (no C++ compiler
