@@ -599,30 +599,9 @@ def _cagrad_best(g: Tensor, a: Tensor, phi: Tensor, raw: Tensor, solved: Tensor,
     return w / w.sum().clamp_min(1e-300)
 
 
-def _cagrad_2(g: Tensor, a: Tensor, phi: Tensor) -> Tensor:
-    """K = 2 in closed form. On the segment ``w = (t, 1 - t)``,
-    ``F(t) = a_2 + alpha t + phi sqrt(c0 + 2 c1 t + c2 t^2)`` with ``alpha = a_1 - a_2``,
-    ``c0 = G_22``, ``c1 = G_12 - G_22``, ``c2 = G_11 - 2 G_12 + G_22 = ||g_1 - g_2||^2``.
-    F is convex; with ``u = c1 + c2 t`` and ``D = c0 c2 - c1^2 = G_11 G_22 - G_12^2``,
-    ``F'(t) = 0`` reads ``u = -alpha sqrt(D / (phi^2 c2 - alpha^2))``, which exists iff
-    ``phi^2 c2 > alpha^2``; otherwise ``|phi (sqrt q)'| <= phi sqrt(c2) <= |alpha|`` and F
-    is monotone: t = 1 if alpha < 0 else 0. The stationary t is clamped to [0, 1]."""
-    g00, g01, _, g11 = g.reshape(4).unbind()
-    a0, a1 = a.unbind()
-    alpha = a0 - a1
-    c1 = g01 - g11
-    c2 = (g00 + g11) - 2 * g01
-    det = (g00 * g11 - g01 * g01).clamp_min(0)
-    den = phi * phi * c2 - alpha * alpha
-    inner = den > 0  # then c2 > 0: the unguarded divisions are finite where they are used
-    t_in = ((-alpha * torch.sqrt(det / den) - c1) / c2).clamp(0, 1)
-    t = torch.where(inner, t_in, (alpha < 0).to(g.dtype))
-    return torch.stack([t, 1 - t])
-
-
 @functools.lru_cache(maxsize=16)
 def _cagrad_2_consts(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For :func:`cagrad_direction_2`: the [4, 9] map of the flattened G = [G11, G12, G21,
+    """For :func:`_cagrad_2`: the [4, 9] map of the flattened G = [G11, G12, G21,
     G22] (G12 and G21 averaged as s) to ``(tr, alpha, m, c1, 2 c1, c2, G11, s, G22)``; the
     affine map ``t -> (t, 1 - t)``; the mean's weights (1/2, 1/2)."""
     h, q = 0.5, 0.25
@@ -646,20 +625,22 @@ def _cagrad_2_consts(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tens
     )
 
 
-def cagrad_direction_2(gram: Tensor, c: float, norm_eps: float) -> Tensor:
-    """CAGrad's direction weights at K = 2, ``w = b + (phi / ||g_w*||) w*`` (0 when
-    ``||g_w*|| <= norm_eps sqrt(trace(G))``), before the rescale: what
-    :func:`cagrad_weights` and :class:`~gradbal.methods.cagrad.CAGrad` compute, in 34 small
-    ops instead of 55.
+def _cagrad_2(gram: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K = 2 in closed form, on G itself: ``(w*, ||g_w*||^2, phi^2, trace(G))``, the last three
+    in G's units (a zero or negative trace reported as 1, as in the normalisation).
 
-    :func:`_cagrad_2`'s closed form on the segment ``w = (t, 1 - t)``, taken on G itself: t
-    and ``phi / ||g_w||`` are scale invariant, so the trace normalisation is left out, and
-    every quantity linear in G (``alpha``, ``m = b^T G b`` with ``phi^2 = c^2 m``, ``c1``,
-    ``c2``, the trace) comes from one product with a constant [4, 9] matrix. With
-    ``||g_w||^2 = G22 + 2 c1 t + c2 t^2`` the threshold reads ``||g_w||^2 <= norm_eps^2
-    trace(G)`` (a zero or negative trace counts as 1, as in the normalisation). Non-finite
-    entries of G read as 0."""
-    coef, offset, slope, half = _cagrad_2_consts(gram.device)
+    On the segment ``w = (t, 1 - t)``, ``F(t) = a_2 + alpha t + phi sqrt(c0 + 2 c1 t + c2 t^2)``
+    with ``a = G b`` (b = 1/2 each), ``alpha = a_1 - a_2``, ``c0 = G_22``, ``c1 = G_12 -
+    G_22``, ``c2 = G_11 - 2 G_12 + G_22 = ||g_1 - g_2||^2``. F is convex; with ``u = c1 + c2 t``
+    and ``D = c0 c2 - c1^2 = G_11 G_22 - G_12^2``, ``F'(t) = 0`` reads ``u = -alpha sqrt(D /
+    (phi^2 c2 - alpha^2))``, which exists iff ``phi^2 c2 > alpha^2``; otherwise ``|phi (sqrt
+    q)'| <= phi sqrt(c2) <= |alpha|`` and F is monotone: t = 1 if alpha < 0 else 0. The
+    stationary t is clamped to [0, 1]. t is scale invariant, so G is not normalised: every
+    quantity linear in G (``alpha``, ``m = b^T G b`` with ``phi^2 = c^2 m``, ``c1``, ``c2``, the
+    trace) comes from one product with a constant [4, 9] matrix, and ``||g_w||^2 = G22 + 2 c1
+    t + c2 t^2``. Non-finite entries of G read as 0.
+    """
+    coef, offset, slope, _ = _cagrad_2_consts(gram.device)
     g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
     flat = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).reshape(4)
     tr, alpha, m, c1, c1x2, c2, g11, s, g22 = (flat @ coef).unbind()
@@ -670,8 +651,18 @@ def cagrad_direction_2(gram: Tensor, c: float, norm_eps: float) -> Tensor:
     t_in = (torch.addcmul(c1, alpha, torch.sqrt(det / den)) / c2.neg()).clamp(0, 1)
     t = torch.where(den > 0, t_in, alpha < 0)
     r2 = torch.addcmul(g22, t, torch.addcmul(c1x2, c2, t)).clamp_min(0)
-    w_opt = torch.addcmul(offset, t, slope)
-    small = r2 <= torch.where(tr > 0, tr, 1.0) * (norm_eps * norm_eps)
+    return torch.addcmul(offset, t, slope), r2, phi2, torch.where(tr > 0, tr, 1.0)
+
+
+def cagrad_direction_2(gram: Tensor, c: float, norm_eps: float) -> Tensor:
+    """CAGrad's direction weights at K = 2, ``w = b + (phi / ||g_w*||) w*`` (0 when
+    ``||g_w*|| <= norm_eps sqrt(trace(G))``), before the rescale: what
+    :class:`~gradbal.methods.cagrad.CAGrad` computes from :func:`cagrad_weights`, in 34 small
+    ops instead of 55: :func:`_cagrad_2` without the normalisation, since ``phi / ||g_w||`` is
+    scale invariant and the threshold reads ``||g_w||^2 <= norm_eps^2 trace(G)``."""
+    w_opt, r2, phi2, tr = _cagrad_2(gram, c)
+    half = _cagrad_2_consts(gram.device)[3]
+    small = r2 <= tr * (norm_eps * norm_eps)
     return torch.where(small, 0.0, torch.addcmul(half, torch.sqrt(phi2) / torch.sqrt(r2), w_opt))
 
 
@@ -838,13 +829,14 @@ def cagrad_weights(
     Returns (w* [K], ``||g_w*||`` and ``phi``, both relative to ``sqrt(trace(G))``), float64.
     """
     k = gram.shape[-1]
+    if k == 2:
+        w, r2, phi2, tr = _cagrad_2(gram, c)
+        return w, torch.sqrt(r2 / tr), torch.sqrt(phi2 / tr)
     g, _ = _trace_normalise(gram)
     a = g.mean(-1)  # G b with b = 1 / K
     phi = c * torch.sqrt(a.mean().clamp_min(0))
     if k == 1:
         w = torch.ones_like(a)
-    elif k == 2:
-        w = _cagrad_2(g, a, phi)
     elif k <= EXACT_MAX_K:
         w = _cagrad_enumerate(g, a, phi)
     else:

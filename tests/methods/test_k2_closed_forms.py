@@ -20,7 +20,6 @@ from gradbal.solvers_qp import (
     _dual_cone_enumerate,
     _trace_normalise,
     cagrad_direction_2,
-    cagrad_weights,
     project_dual_cone,
 )
 
@@ -210,15 +209,25 @@ def test_aligned_mtl_k2_on_cuda_takes_the_closed_form(mode):
 
 
 def _cagrad_general(g, c, norm_eps):
-    """CAGrad's direction weights from the trace-normalised solve (cagrad_weights)."""
-    w_opt, r, phi = cagrad_weights(g, c)
+    """CAGrad's direction weights from the segment's stationary point written plainly on the
+    trace-normalised Gram matrix (the library's former K = 2 path: per-entry arithmetic, no
+    constant product), with ``||g_w*||`` as ``w^T G w``."""
+    gn, _ = _trace_normalise(g)
+    (g00, g01), (_, g11) = gn.tolist()
+    a0, a1 = (g00 + g01) / 2, (g01 + g11) / 2
+    phi = c * max((a0 + a1) / 2, 0.0) ** 0.5
+    alpha, c1, c2 = a0 - a1, g01 - g11, g00 + g11 - 2 * g01
+    det, den = max(g00 * g11 - g01 * g01, 0.0), phi * phi * c2 - alpha * alpha
+    t = min(max((-alpha * (det / den) ** 0.5 - c1) / c2, 0.0), 1.0) if den > 0 else float(alpha < 0)
+    w_opt = torch.tensor([t, 1 - t], dtype=F64)
+    r = torch.sqrt(((gn @ w_opt) * w_opt).sum().clamp_min(0))
     return torch.where(r <= norm_eps, 0.0, (phi / r) * w_opt + 0.5)
 
 
 @pytest.mark.parametrize("c", [0.1, 0.5, 1.0, 2.0])
 def test_cagrad_k2_direct_form_matches_the_normalised_solve(c):
-    """cagrad_direction_2 (one constant product, no normalisation) against cagrad_weights'
-    path, as directions: ``||J^T (w - w_ref)|| <= (1e-9 + 4 c sqrt(eps)) sqrt(trace G)
+    """cagrad_direction_2 (one constant product, no normalisation) against the closed form
+    written plainly on the normalised Gram matrix, as directions: ``||J^T (w - w_ref)|| <= (1e-9 + 4 c sqrt(eps)) sqrt(trace G)
     (1 + max|w_ref|)``. The ``sqrt(eps)`` term: ``phi = c ||g_0|| = c sqrt(b^T G b)``, and
     when the mean gradient g_0 is ~0 (nearly opposite pairs) ``b^T G b`` is rounding noise of
     size ~eps trace(G) in either computation, so phi, and d with it, carry an error up to
