@@ -271,10 +271,13 @@ def unit_gram_pinv(gram: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     return a, ok
 
 
+#: rank_mask's default cut-off at K = 2: ``2 eps(float32)``.
+_RTOL_2 = 2 * torch.finfo(torch.float32).eps
+
 #: Cut-off on ``1^T C 1 = 2 (1 + c)`` at K = 2. rank_mask keeps ``1 + c`` when
-#: ``1 + c > rtol * max(1 + c, 1 - c)`` (``rtol = 2 eps(float32)``): always when ``c >= 0``;
+#: ``1 + c > rtol * max(1 + c, 1 - c)`` (``rtol = _RTOL_2``): always when ``c >= 0``;
 #: for ``c < 0``, ``1 + c > rtol (1 - c)``, i.e. ``2 (1 + c) > 4 rtol / (1 + rtol)``.
-_KEPT_SUM_2 = 4 * (2 * torch.finfo(torch.float32).eps) / (1 + 2 * torch.finfo(torch.float32).eps)
+_KEPT_SUM_2 = 4 * _RTOL_2 / (1 + _RTOL_2)
 
 
 def _unit_sum_2(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:

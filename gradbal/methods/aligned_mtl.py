@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..solvers_qp import _kept, _scalars, sym_eig
+from ..solvers_qp import _RTOL_2, _kept, _scalars, sym_eig
 from ._base import Method
 from ._common import PrefVector
 from ._registry import register_method
@@ -104,10 +104,6 @@ class AlignedMTL(Method):
         return f"AlignedMTL(scale_mode={self.scale_mode!r}, pref_vector={self.pref!r})"
 
 
-#: rank_mask's default cut-off for K = 2: 2 eps(float32).
-_RTOL_2 = 2 * torch.finfo(torch.float32).eps
-
-
 @functools.lru_cache(maxsize=16)
 def _deviator_2(device: torch.device) -> Tensor:
     """[2, 2, 2, 2] map of G to its symmetric traceless part ``S = (G + G^T) / 2 - tr(G) / 2 I``
@@ -121,7 +117,8 @@ def _deviator_2(device: torch.device) -> Tensor:
 
 def _aligned_mtl_2(gram: Tensor, p: Tensor, scale_mode: str) -> Tensor:
     r"""``w = B p`` for K = 2 in closed form, without an eigendecomposition: 20 small ops (24
-    for ``"rmse"``) where the general path takes a Jacobi sweep and ~85 ops (used off the CPU).
+    for ``"rmse"``) where the general path takes LAPACK's eigh and 16 ops on the CPU, a
+    Jacobi sweep and ~85 ops elsewhere.
 
     With ``m = tr(G) / 2``, the traceless part ``S = G - m I`` and ``h = hypot(S_00, S_01)``,
     G has the eigenvalues ``lambda_+- = m +- h`` and the spectral projectors
