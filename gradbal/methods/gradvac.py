@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..solvers_qp import _eye
 from ._base import Method
 from ._common import to_device
 from ._registry import register_method
@@ -17,12 +18,7 @@ __all__ = ["GradVac"]
 EMA_UPDATES = ("always", "on_conflict")
 
 
-# Constants (no ops per call), never modified in place.
-@functools.lru_cache(maxsize=32)
-def _eye(k: int, device: torch.device) -> Tensor:
-    return torch.eye(k, dtype=torch.float64, device=device)
-
-
+# Constants (no ops per call), never modified in place; the identity is the solvers' _eye.
 @functools.lru_cache(maxsize=32)
 def _offdiag(k: int, device: torch.device) -> Tensor:
     return ~torch.eye(k, dtype=torch.bool, device=device)
