@@ -69,15 +69,14 @@ class CompiledMethod(Method):
             raise AttributeError(attr)
         return getattr(self.method, attr)
 
-    def _mode_for(self, gram: Tensor | None, losses: Tensor | None) -> str | None:
-        """``mode``, or with ``mode=None``: CUDA graphs (``"reduce-overhead"``) for a
+    def _mode_for(self, ref: Tensor) -> str | None:
+        """``mode``, or with ``mode=None`` (``ref``: the Gram matrix, or the losses): CUDA graphs (``"reduce-overhead"``) for a
         stateless method on a CUDA device, inductor's default elsewhere (a CUDA graph would
         replay a stateful method's state tensors from static buffers that the next replay
         overwrites)."""
         if self.mode is not None:
             return self.mode
-        ref = gram if gram is not None else losses
-        if ref is not None and ref.is_cuda and not self.method.stateful:
+        if ref.is_cuda and not self.method.stateful:
             return "reduce-overhead"
         return None
 
@@ -87,7 +86,7 @@ class CompiledMethod(Method):
         ref = gram if gram is not None else losses
         # A bad K raises here, eagerly, before anything is traced.
         self.method.check_num_objectives(ref.shape[-1])
-        mode = self._mode_for(gram, losses)
+        mode = self._mode_for(ref)
         fn = self._compiled.get(mode)
         if fn is None:
             fn = self._compiled[mode] = torch.compile(
