@@ -16,7 +16,7 @@ slower for the few-op K = 2 closed forms (pcgrad, imtl_g, config, mgda: 0.64-0.8
 wrapper's snapshot and warning filter and Dynamo's guards cost ~15-20 us), for aligned_mtl
 at K >= 4 (LAPACK's eigendecomposition is most of it) and for the K = 8 support
 enumerations of mgda and dualproj (0.6-0.7x). The price is a compilation on the first call
-for each K (2-30 s cold, the K > 8 interior points the longest; a second, shorter one when
+for each K (up to 30 s: CAGrad's K = 16 interior point took 29.6 s; a second, shorter one when
 a method's Python caches fill on its first call), so it pays in training loops, not in
 one-off calls. On CUDA the gain is expected to be larger (hundreds of launches become one
 graph replay); no GPU has measured it yet.
