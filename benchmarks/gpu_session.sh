@@ -48,7 +48,7 @@ fi
 "$py" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3 | tee -a "$out/env.txt"
 "$py" -c "import gradbal.kernels as k; print('gradbal.kernels.AVAILABLE =', k.AVAILABLE)
 try:
-    import torchjd; print('torchjd', torchjd.__version__)
+    import torchjd.aggregation; print('torchjd importable')
 except ImportError as e:
     print('torchjd not importable:', e)" 2>&1 | tee -a "$out/env.txt"
 
