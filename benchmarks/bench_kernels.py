@@ -9,7 +9,7 @@ of the same size (so both sides see the same caches).
 Ops:
 * ``gram``        : G = rows rows^T (float64 [K, K]).
 * ``combine``     : out = sum_k w_k rows[k].
-* ``step-mokd``   : ``gradbal.aggregate(rows, "mokd", losses=ones(K))``: gram, MoKD weights,
+* ``step-mokd``   : ``gradbal.aggregate(rows, "mokd", losses=ones(K), validate=False)``: gram, MoKD weights,
                     combine.
 * ``step-pcgrad`` : ``gradbal.aggregate(rows, "pcgrad")``.
 * ``graddrop``    : GradDrop's elementwise pass on given fp32 uniforms (reads the K rows and the
@@ -157,7 +157,10 @@ def make_fns(
             return lambda: _ops.combine_torch(rows, w, out)
     if provider in ("triton", "torch"):
         method = op.split("-", 1)[1]
-        kwargs = {"losses": losses} if method == "mokd" else {"generator": gen}
+        # validate=False: the loss-sign check for MoKD's log scaling is one host read of the
+        # losses, a check on the caller's input rather than part of the step (the loop and
+        # TorchJD providers make none either).
+        kwargs = {"losses": losses, "validate": False} if method == "mokd" else {"generator": gen}
         return lambda: gradbal.aggregate(rows, method, backend=provider, **kwargs)
     if provider == "loop":
         if op == "gram":

@@ -31,15 +31,19 @@ class Net(nn.Module):
         z = self.trunk(x)
         return z, self.head(z), self.aux(z)
 
-    def losses(self, x, y, teacher, rank, model=None):
+    def losses(self, x, y, teacher, rank, model=None, alone=False):
+        """``alone``: rank 0 is the only rank (world 1). Its auxiliary objective is then
+        connected with a zero gradient, as the FSDP worker's is: unconnected on every rank, it
+        would reach no parameter at all and the step would (rightly) be refused."""
         _, out, aux_out = (model or self)(x)
         ce = F.cross_entropy(out, y)
         kl = F.kl_div(F.log_softmax(out, -1), F.softmax(teacher, -1), reduction="batchmean")
-        if rank == 0:
+        aux = (aux_out - 1).pow(2).mean()
+        if rank == 0 and alone:
+            aux = 0 * aux
+        elif rank == 0:
             # This rank's batch gives the auxiliary objective no gradient at all.
             aux = torch.zeros((), dtype=x.dtype, requires_grad=True) * 1.0
-        else:
-            aux = (aux_out - 1).pow(2).mean()
         return [ce, kl, aux]
 
 
@@ -121,7 +125,7 @@ def run_reference(world, method, out, scaler=False):
         x, y, t = data(world, step)
         per_rank = [
             model.losses(x[r * PER_RANK:(r + 1) * PER_RANK], y[r * PER_RANK:(r + 1) * PER_RANK],
-                         t[r * PER_RANK:(r + 1) * PER_RANK], r)
+                         t[r * PER_RANK:(r + 1) * PER_RANK], r, alone=world == 1)
             for r in range(world)
         ]
         losses = [sum(ls[k] for ls in per_rank) / world for k in range(3)]

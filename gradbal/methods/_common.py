@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def remember(cache: dict, key: Any, value: Tensor) -> Tensor:
+    """Keep ``value`` in a method's per-instance cache and return it; while ``torch.compile``
+    traces, return it without keeping it. A tensor made inside a compiled region is that
+    region's output, and under CUDA graphs (``compile_method``'s "reduce-overhead") the next
+    replay overwrites it: a cached one would change under the method's feet."""
+    if not torch.compiler.is_compiling():
+        cache[key] = value
+    return value
 
 
 def to_device(cpu_tensor: Tensor, device: torch.device) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..solvers_qp import DUAL_CONE_STEPS, project_dual_cone
 from ._base import Method
-from ._common import PrefVector
+from ._common import PrefVector, remember
 from ._registry import register_method
 
 __all__ = ["DualProj", "UPGrad"]
@@ -58,7 +58,7 @@ class _DualConeMethod(Method):
         key = (k, gram.device, gram.dtype)
         u = self._u.get(key)
         if u is None:
-            u = self._u[key] = self._targets(self.pref.get(k, gram)).to(torch.float64)
+            u = remember(self._u, key, self._targets(self.pref.get(k, gram)).to(torch.float64))
         return project_dual_cone(gram, u, self.reg_eps, self.norm_eps, self.iterations)
 
     def __repr__(self) -> str:

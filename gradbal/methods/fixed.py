@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Method
-from ._common import num_objectives, to_device
+from ._common import num_objectives, remember, to_device
 from ._registry import register_method
 
 __all__ = ["Mean", "Sum", "Weighted"]
@@ -92,7 +92,7 @@ class Weighted(Method):
         self.check_num_objectives(like.shape[-1])
         cached = self._cache.get(like.device)
         if cached is None:  # one host-to-device copy per device
-            cached = self._cache[like.device] = to_device(self._weights, like.device)
+            cached = remember(self._cache, like.device, to_device(self._weights, like.device))
         return cached.clone()
 
     def __repr__(self) -> str:

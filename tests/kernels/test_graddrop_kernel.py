@@ -383,10 +383,11 @@ def test_gpu_graddrop_bits_and_no_sync(dtype, graddrop_mod, rows_of):
     rows = _rows(rows_of, 8, 4_000_000, dtype, "cuda")
     noise = torch.rand(4_000_000, device="cuda")
     out = torch.empty(4_000_000, dtype=dtype, device="cuda")
+    leak = _leak(8, "cuda")  # built before the check: its host-to-device copy is the test's own
     gd.graddrop(rows, noise, out)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gd.graddrop(rows, noise, out, leak=_leak(8, "cuda"))
+        gd.graddrop(rows, noise, out, leak=leak)
     finally:
         torch.cuda.set_sync_debug_mode("default")

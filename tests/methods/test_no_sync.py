@@ -119,3 +119,60 @@ def test_no_sync_cuda(name):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(w).all()
+
+
+def _cuda_step_losses(model, x, y):
+    out = model(x)
+    return [torch.nn.functional.cross_entropy(out, y), out.pow(2).mean()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "name, options",
+    [("pcgrad", {}), ("upgrad", {}), ("mgda", {}), ("mokd", {"log_scale": False})],
+    ids=["pcgrad", "upgrad", "mgda", "mokd-nolog"],
+)
+def test_optimizer_step_makes_no_host_sync_on_cuda(name, options):
+    """A whole step (K backward passes into the store, Gram, weights, combine, the wrapped
+    SGD step) under ``set_sync_debug_mode("error")``, with the two documented host reads off:
+    ``nonfinite="ignore"`` (the non-finite check in ``step``) and MoKD without log scaling
+    (the loss-sign check in ``backward``). The plain ``(l1 + l2).backward(); sgd.step()``
+    loop runs first under the same mode, so a sync inside torch itself fails it there."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+
+    def model_and_sgd():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+        ).cuda()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    plain_model, plain_sgd = model_and_sgd()
+    model, sgd = model_and_sgd()
+    opt = gradbal.MultiObjectiveOptimizer(sgd, name, nonfinite="ignore", seed=0, **options)
+
+    def plain_step():
+        plain_sgd.zero_grad()
+        sum(_cuda_step_losses(plain_model, x, y)).backward()
+        plain_sgd.step()
+
+    def balanced_step():
+        opt.zero_grad()
+        opt.backward(_cuda_step_losses(model, x, y))
+        opt.step()
+
+    for step in (plain_step, balanced_step):
+        step()  # warm-up: caches, cuBLAS handles, the store's allocation
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), plain_model.parameters()))
