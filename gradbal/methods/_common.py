@@ -27,7 +27,9 @@ def to_device(cpu_tensor: Tensor, device: torch.device) -> Tensor:
     """
     if cpu_tensor.device == device:
         return cpu_tensor
-    if device.type == "cuda":
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        # (Under torch.compile the copy is the compiled program's own: pin_memory() has no
+        # fake-tensor rule, and a traced call to it fails the whole compilation.)
         return cpu_tensor.pin_memory().to(device, non_blocking=True)
     return cpu_tensor.to(device)
 
@@ -70,7 +72,7 @@ class PrefVector:
                 cached = torch.full((k,), value, dtype=key[2], device=like.device)
             else:
                 cached = to_device(self.host, like.device).to(key[2])
-            self._cache[key] = cached
+            remember(self._cache, key, cached)
         return cached
 
     def __repr__(self) -> str:
