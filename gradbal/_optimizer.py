@@ -18,6 +18,16 @@ from .methods._common import device_generator, draw_seed
 __all__ = ["MultiObjectiveOptimizer"]
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
+
+
+def _copy_to_host_async(t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
+    """Start copying the small CUDA tensor ``t`` into pinned host memory; returns the host
+    tensor and an event that completes with the copy (``event.synchronize()`` before reading)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 GRAM_PARAMS = ("shared", "all")
 _STATE_KEY = "gradbal"
 
@@ -258,6 +268,16 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         return self._store
 
     # ----------------------------------------------------------------- the step
+    def _refuse_negative(self, negative: Tensor, loss_values: Tensor) -> None:
+        """Raise if any of the (host or device) flags ``negative`` is set."""
+        if bool(negative.any()):
+            bad = [i for i, v in enumerate(negative.tolist()) if v]
+            raise ValueError(
+                f"loss {bad[0]} is negative ({loss_values[bad[0]].item():.4g}); method "
+                f"{self.method.name!r} scales gradients by 1/loss and needs losses >= 0. "
+                "Use a non-negative loss or pass log_scale=False"
+            )
+
     def backward(self, losses: Sequence[Tensor], scaler: Any = None) -> None:
         """Compute every objective's gradient, balance them, write the result into ``.grad``.
 
@@ -276,18 +296,20 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
         loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(
             torch.float64
         )
-        if self.method.requires_nonnegative_losses:
-            # The one host sync of a step, before the first backward: a negative loss must be
-            # refused before anything is written.
-            negative = loss_values < 0
-            if bool(negative.any()):
-                bad = [i for i, v in enumerate(negative.tolist()) if v]
-                raise ValueError(
-                    f"loss {bad[0]} is negative ({loss_values[bad[0]].item():.4g}); method "
-                    f"{self.method.name!r} scales gradients by 1/loss and needs losses >= 0. "
-                    "Use a non-negative loss or pass log_scale=False"
-                )
         enabled_scaler = scaler is not None and scaler.is_enabled()
+        # A negative loss must be refused with nothing changed. On a CUDA device the signs are
+        # copied to pinned host memory without waiting and read after the K backward passes
+        # have been queued (their writes are undone on refusal, as for any error there): a
+        # read before the first backward would stall the host until the forward pass ends,
+        # leaving the GPU idle while the backward kernels are queued (H100, ResNet-18 batch
+        # 128: MoKD's step took 2 ms longer than PCGrad's). Elsewhere it is read at once.
+        pending_signs = None
+        if self.method.requires_nonnegative_losses:
+            negative = loss_values < 0
+            if loss_values.is_cuda and self.method.requires_task_gradients:
+                pending_signs = _copy_to_host_async(negative)
+            else:
+                self._refuse_negative(negative, loss_values)
         if not self.method.requires_task_gradients:
             self._backward_weighted_sum(losses, loss_values, scaler if enabled_scaler else None)
             return
@@ -321,6 +343,10 @@ class MultiObjectiveOptimizer(torch.optim.Optimizer):
                 finally:
                     self._recorder.end()
                 reached_by.append(self._recorder.reached)
+            if pending_signs is not None:
+                host_flags, copied = pending_signs
+                copied.synchronize()  # the copy queued before the backward passes
+                self._refuse_negative(host_flags, loss_values)
             if sharded:
                 # FSDP's reduce-scatter already averaged every row over the ranks.
                 loss_values = distributed.average_loss_values(loss_values, store.group)

@@ -1,5 +1,5 @@
-"""benchmarks/plot_results.py: every kind of benchmark CSV becomes a PNG (the committed CPU
-results, and a GPU-style bench_kernels CSV, which no committed run has yet)."""
+"""benchmarks/plot_results.py: every kind of benchmark CSV becomes a PNG (the committed CPU and
+H100 results, with the H100 bench_kernels CSV replaced by a small synthetic one)."""
 
 from __future__ import annotations
 

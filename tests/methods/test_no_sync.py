@@ -176,3 +176,27 @@ def test_optimizer_step_makes_no_host_sync_on_cuda(name, options):
             torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), plain_model.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_negative_loss_on_cuda_is_refused_after_the_backward_passes_with_nothing_changed():
+    """On CUDA MoKD reads the loss signs after queueing the backward passes (no stall before
+    them); a negative loss is still refused, and the passes' writes are undone."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).cuda()
+    opt = gradbal.MultiObjectiveOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mokd", seed=0)
+    x = torch.randn(4, 8, device="cuda")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    gen_state = opt.generator.get_state()
+    out = model(x)
+    with pytest.raises(ValueError, match="loss 1 is negative"):
+        opt.backward([out.pow(2).mean(), -out.abs().mean() - 1.0])
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert torch.equal(opt.generator.get_state(), gen_state)
+    out = model(x)
+    opt.backward([out.pow(2).mean(), out.abs().mean()])  # a good step still works after
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
