@@ -5,11 +5,15 @@
 #
 #     bash benchmarks/gpu_session.sh            # logs and CSVs go to $OUT (or ./gpu_out)
 #
-# Stages, each under its own timeout so that a hang in one still leaves the others' output
-# (at most 8.75 minutes of stages plus the install; run it with timeout_s 590: a warm machine
-# is given back 30 s after a call, so a rerun would mean a fresh start, and one full run fits
-# the 15-minute device budget better than two short ones; bench_weights and bench_aggregate
-# write their CSVs row by row, so a stage cut by its limit keeps what it measured):
+# Stages, each under its own timeout so that a hang in one still leaves the others' output.
+# STAGES (a space-separated list, default all, in this order of priority) picks some:
+#     STAGES="gpu_tests tune_gram" bash benchmarks/gpu_session.sh
+# All stages: about 11 minutes plus the install, more than one 10-minute call: pick, or let
+# the last ones be cut (bench_weights and bench_aggregate write their CSVs row by row, so a
+# stage cut by its limit keeps what it measured). A warm machine is given back 30 s after a
+# call, so plan one call per session of 15 device-minutes. On 2026-11-26 (H100) gpu_tests
+# took more than 170 s and bench_step more than 65 s; see RESULTS.md. With tune_gram added to all
+# the others, 9 files would be written: at most 8 come back.
 #   env             card, driver, torch/triton versions, date (UTC): what RESULTS.md must quote
 #   gpu_tests       pytest -m gpu over the whole suite (kernels against fp64,
 #                   bit determinism, no host sync under torch.cuda.set_sync_debug_mode("error"),
@@ -21,8 +25,9 @@
 #   bench_weights_compiled  the same through gradbal.compile_method (CUDA graphs), K = 4, 16
 #   bench_aggregate every method's aggregate on a materialised [K, N] (issue 3's table)
 #   bench_step      a ResNet-18 K = 2 distillation step against plain training
+#   tune_gram       the Gram pass's plans swept (benchmarks/tune_gram.py), not in the default
 # Every stage appends to $OUT/session.log, ending with a line "== <stage> rc=<exit status>";
-# files back from $OUT (at most 8): env.txt, session.log and six CSVs.
+# files back from $OUT (at most 8): env.txt, session.log and up to six CSVs.
 #
 # pytest, hypothesis and scipy are on the lent machines; TorchJD (the peer the benchmarks compare
 # with) is not: carry its wheels in .whl/ (torchjd, qpsolvers, quadprog; see the device tool's
@@ -60,17 +65,27 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a timeout, append to $out/
     echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$out/session.log"
 }
 
-stage gpu_tests 170 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+default="gpu_tests bench_kernels bench_step bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
+stages=" ${STAGES:-$default} "
+want() { [[ "$stages" == *" $1 "* ]]; }
+
+want gpu_tests && stage gpu_tests 240 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
+    --timeout 120 --durations=20 tests
 # N = 1e6 and 1e7 first (the targets' sizes), then 1e8 apart: a timeout there keeps the rest.
-stage bench_kernels 95 "$py" benchmarks/bench_kernels.py --ks 2,4,8,16 --ns 1e6,1e7 \
-    --dtypes fp32,bf16 --reps 15 --csv "$out/bench_kernels_gpu.csv"
-stage bench_kernels_1e8 40 "$py" benchmarks/bench_kernels.py --ks 2,8 --ns 1e8 \
-    --dtypes fp32,bf16 --providers triton,torch --reps 10 --csv "$out/bench_kernels_gpu_1e8.csv"
-stage bench_weights 25 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
-    --csv "$out/bench_weights_gpu.csv"
-stage bench_weights_compiled 65 "$py" benchmarks/bench_weights.py --device cuda --reps 10 \
-    --ks 4 16 --methods mokd mgda upgrad --compile --csv "$out/bench_weights_compiled_gpu.csv"
-stage bench_aggregate 65 "$py" benchmarks/bench_aggregate.py --device cuda --reps 5 \
-    --csv "$out/bench_aggregate_gpu.csv"
-stage bench_step 65 "$py" benchmarks/bench_step.py --device cuda --batch 128 --size 224 \
-    --repeats 10 --csv "$out/bench_step_gpu.csv"
+want bench_kernels && stage bench_kernels 95 "$py" benchmarks/bench_kernels.py --ks 2,4,8,16 \
+    --ns 1e6,1e7 --dtypes fp32,bf16 --reps 15 --csv "$out/bench_kernels_gpu.csv"
+want bench_step && stage bench_step 150 "$py" benchmarks/bench_step.py --device cuda --batch 128 \
+    --size 224 --warmup 2 --repeats 10 --csv "$out/bench_step_gpu.csv"
+want bench_weights && stage bench_weights 45 "$py" benchmarks/bench_weights.py --device cuda \
+    --reps 10 --csv "$out/bench_weights_gpu.csv"
+want bench_aggregate && stage bench_aggregate 65 "$py" benchmarks/bench_aggregate.py --device cuda \
+    --reps 5 --csv "$out/bench_aggregate_gpu.csv"
+want bench_weights_compiled && stage bench_weights_compiled 90 "$py" benchmarks/bench_weights.py \
+    --device cuda --reps 10 --ks 4 16 --methods mokd mgda upgrad --compile \
+    --csv "$out/bench_weights_compiled_gpu.csv"
+want bench_kernels_1e8 && stage bench_kernels_1e8 40 "$py" benchmarks/bench_kernels.py --ks 2,8 \
+    --ns 1e8 --dtypes fp32,bf16 --providers triton,torch --reps 10 \
+    --csv "$out/bench_kernels_gpu_1e8.csv"
+want tune_gram && stage tune_gram 150 "$py" benchmarks/tune_gram.py --budget-s 120 \
+    --csv "$out/tune_gram_gpu.csv"
+exit 0
