@@ -10,6 +10,7 @@ Three lines to adopt::
 
 from ._aggregate import aggregate
 from ._compiled import CompiledMethod, compile_method
+from ._graphed import GraphedMethod, graph_method
 from ._optimizer import MultiObjectiveOptimizer
 from .diagnostics import StepStats
 from .kd import FeatureCapture, FrozenTeacher, kd_loss
@@ -22,6 +23,7 @@ __all__ = [
     "CompiledMethod",
     "FeatureCapture",
     "FrozenTeacher",
+    "GraphedMethod",
     "Method",
     "MultiObjectiveOptimizer",
     "StepStats",
@@ -30,6 +32,7 @@ __all__ = [
     "available_methods",
     "compile_method",
     "get_method",
+    "graph_method",
     "kd_loss",
     "register_method",
 ]

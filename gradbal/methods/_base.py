@@ -68,6 +68,10 @@ class Method:
     #: weighted combine pass. :meth:`weights` still runs (its result is reported in
     #: ``last_stats.weights``).
     elementwise: ClassVar[bool] = False
+    #: True when :meth:`weights` draws from the generator (PCGrad's and GradVac's orders,
+    #: RLW's weights, GradDrop's sign draws): its result then is not a function of (G, losses)
+    #: alone, so it cannot be replayed from a CUDA graph (:func:`gradbal.graph_method`).
+    draws_random: ClassVar[bool] = False
 
     @property
     def requires_nonnegative_losses(self) -> bool:

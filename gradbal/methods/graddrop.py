@@ -68,6 +68,7 @@ class GradDrop(Method):
         tensor([ 4.0000, -3.0000,  0.5000])
     """
 
+    draws_random = True
     needs_gram = False
     elementwise = True
 

@@ -76,6 +76,7 @@ class GradVac(Method):
         tensor([0.5000, 1.5000])
     """
 
+    draws_random = True
     stateful = True
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, ema_update: str = "always"):

@@ -49,6 +49,8 @@ class PCGrad(Method):
         tensor([0.5000, 1.5000])
     """
 
+    draws_random = True
+
     def __init__(self, reduction: str = "sum"):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")

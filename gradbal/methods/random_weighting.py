@@ -39,6 +39,7 @@ class RLW(Method):
         1.0
     """
 
+    draws_random = True
     requires_task_gradients = False
     needs_gram = False
 
