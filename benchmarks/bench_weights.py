@@ -37,7 +37,8 @@ try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_weights
 except ImportError:
     from ._timing import interleaved_ms, quantiles, time_ms
 
-FIELDS = ["device", "threads", "K", "method", "ops", "median_us", "p20_us", "p80_us", "compiled_us", "compile_s"]
+FIELDS = ["device", "threads", "K", "method", "ops", "median_us", "p20_us", "p80_us", "compiled_us", "compile_s",
+          "graphed_us"]
 
 
 def count_ops(fn) -> int:
@@ -74,9 +75,9 @@ def run(args, on_row=None) -> list[dict]:
                 return method.weights(gram, losses, g)
 
             call()
-            ops = count_ops(call)
+            ops = count_ops(call) if args.ops else -1
             row = {"device": str(device), "threads": torch.get_num_threads(), "K": k,
-                   "method": name, "ops": ops, "compiled_us": "", "compile_s": ""}
+                   "method": name, "ops": ops, "compiled_us": "", "compile_s": "", "graphed_us": ""}
             if args.compile:
                 compiled = gradbal.compile_method(gradbal.get_method(name))
                 gc = torch.Generator().manual_seed(0)
@@ -92,6 +93,19 @@ def run(args, on_row=None) -> list[dict]:
                 # Eager and compiled round-robin: their ratio compares like with like.
                 eager_t, comp_t = interleaved_ms([call, call_compiled], device, args.reps, 3)
                 row["compiled_us"] = quantiles(comp_t)[0] * 1e3
+            elif args.graph:
+                base = gradbal.get_method(name)
+                if base.stateful or base.draws_random:
+                    eager_t = time_ms(call, device, args.reps, 3)  # graph_method refuses these
+                else:
+                    graphed = gradbal.graph_method(base)
+
+                    def call_graphed(graphed=graphed, gram=gram, losses=losses):
+                        return graphed.weights(gram, losses, None)
+
+                    call_graphed()  # captures
+                    eager_t, graph_t = interleaved_ms([call, call_graphed], device, args.reps, 3)
+                    row["graphed_us"] = quantiles(graph_t)[0] * 1e3
             else:
                 eager_t = time_ms(call, device, args.reps, 3)
             med, p20, p80 = quantiles(eager_t)
@@ -100,7 +114,8 @@ def run(args, on_row=None) -> list[dict]:
             if on_row is not None:
                 on_row(row)
             extra = (f"  compiled {row['compiled_us']:9.1f} us (compile {row['compile_s']:.1f} s)"
-                     if args.compile else "")
+                     if args.compile else f"  graphed {row['graphed_us']:9.1f} us"
+                     if row["graphed_us"] != "" else "")
             print(f"K={k:2d} {name:12s} {ops:6d} ops {med * 1e3:9.1f} us" + extra, file=sys.stderr, flush=True)
     return rows
 
@@ -118,6 +133,10 @@ def _grid(rows: list[dict], title: str, width: int, cell) -> None:
 def print_table(rows: list[dict]) -> None:
     _grid(rows, "Method.weights: top-level ops / median us", 16,
           lambda r: f"{r['ops']:>7d} / {r['median_us']:6.0f}")
+    if any(r["graphed_us"] != "" for r in rows):
+        _grid(rows, "graph_method(name).weights: eager / graphed, graphed median us", 18,
+              lambda r: f"{r['median_us'] / r['graphed_us']:6.2f}x {r['graphed_us']:6.0f}"
+              if r["graphed_us"] != "" else "-")
     if any(r["compiled_us"] != "" for r in rows):
         _grid(rows, "compile_method(name).weights: eager / compiled, compiled median us, compile s", 24,
               lambda r: f"{r['median_us'] / r['compiled_us']:5.2f}x {r['compiled_us']:6.0f} {r['compile_s']:5.1f}s")
@@ -133,7 +152,14 @@ def main(argv=None) -> None:
     p.add_argument("--csv", default=None)
     p.add_argument("--compile", action="store_true",
                    help="also time gradbal.compile_method(name).weights (torch.compile), round-robin with eager")
+    p.add_argument("--graph", action="store_true",
+                   help="also time gradbal.graph_method(name).weights (CUDA graph replay; eager on "
+                   "CPU), round-robin with eager; stateful and random methods are skipped")
+    p.add_argument("--no-ops", dest="ops", action="store_false",
+                   help="skip counting the ops with the profiler (slow on CUDA); ops = -1")
     args = p.parse_args(argv)
+    if args.compile and args.graph:
+        p.error("--compile and --graph time different wrappers: pass one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     writer = None

@@ -8,7 +8,7 @@
 # Stages, each under its own timeout so that a hang in one still leaves the others' output.
 # STAGES (a space-separated list, default all, in this order of priority) picks some:
 #     STAGES="gpu_tests tune_gram" bash benchmarks/gpu_session.sh
-# All stages: about 11 minutes plus the install, more than one 10-minute call: pick, or let
+# All stages: about 12 minutes plus the install, more than one 10-minute call: pick, or let
 # the last ones be cut (bench_weights and bench_aggregate write their CSVs row by row, so a
 # stage cut by its limit keeps what it measured). A warm machine is given back 30 s after a
 # call, so plan one call per session of 15 device-minutes. On 2026-11-26 (H100) gpu_tests
@@ -22,12 +22,14 @@
 #                   with the measured device-to-device copy bandwidth (issue 4's targets);
 #                   N = 1e8 as a stage of its own
 #   bench_weights   the K x K stage alone: ops (= kernel launches) and time per method and K
+#   bench_weights_graphed   the same through gradbal.graph_method (one CUDA graph replay)
 #   bench_weights_compiled  the same through gradbal.compile_method (CUDA graphs), K = 4, 16
 #   bench_aggregate every method's aggregate on a materialised [K, N] (issue 3's table)
 #   bench_step      a ResNet-18 K = 2 distillation step against plain training
 #   tune_gram       the Gram pass's plans swept (benchmarks/tune_gram.py), not in the default
 # Every stage appends to $OUT/session.log, ending with a line "== <stage> rc=<exit status>";
-# files back from $OUT (at most 8): env.txt, session.log and up to six CSVs.
+# files back from $OUT (at most 8): env.txt, session.log and the CSVs; when there are more
+# than six CSVs they are packed into one csvs.tar at the end (tar xf it here).
 #
 # pytest, hypothesis and scipy are on the lent machines; TorchJD (the peer the benchmarks compare
 # with) is not: carry its wheels in .whl/ (torchjd, qpsolvers, quadprog; see the device tool's
@@ -65,7 +67,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a timeout, append to $out/
     echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$out/session.log"
 }
 
-default="gpu_tests bench_kernels bench_step bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
+default="gpu_tests bench_kernels bench_step bench_weights_graphed bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
 stages=" ${STAGES:-$default} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 
@@ -76,6 +78,8 @@ want bench_kernels && stage bench_kernels 95 "$py" benchmarks/bench_kernels.py -
     --ns 1e6,1e7 --dtypes fp32,bf16 --reps 15 --csv "$out/bench_kernels_gpu.csv"
 want bench_step && stage bench_step 150 "$py" benchmarks/bench_step.py --device cuda --batch 128 \
     --size 224 --warmup 2 --repeats 10 --csv "$out/bench_step_gpu.csv"
+want bench_weights_graphed && stage bench_weights_graphed 45 "$py" benchmarks/bench_weights.py \
+    --device cuda --reps 10 --graph --no-ops --csv "$out/bench_weights_graphed_gpu.csv"
 want bench_weights && stage bench_weights 45 "$py" benchmarks/bench_weights.py --device cuda \
     --reps 10 --csv "$out/bench_weights_gpu.csv"
 want bench_aggregate && stage bench_aggregate 65 "$py" benchmarks/bench_aggregate.py --device cuda \
@@ -88,4 +92,9 @@ want bench_kernels_1e8 && stage bench_kernels_1e8 40 "$py" benchmarks/bench_kern
     --csv "$out/bench_kernels_gpu_1e8.csv"
 want tune_gram && stage tune_gram 150 "$py" benchmarks/tune_gram.py --budget-s 120 \
     --csv "$out/tune_gram_gpu.csv"
+# The device tool returns at most 8 files: pack the CSVs when there are more than six.
+csvs=("$out"/*.csv)
+if [ "${#csvs[@]}" -gt 6 ]; then
+    tar cf "$out/csvs.tar" -C "$out" $(cd "$out" && ls *.csv) && rm -f "$out"/*.csv
+fi
 exit 0

@@ -36,10 +36,25 @@ def _kernels_csv(path: Path) -> None:
                                 "GBps": 1.0, "copy_GBps": 2.0, "pct_of_copy": pct, "host_sync": 0})
 
 
+def _graphed_weights_csv(path: Path) -> None:
+    """bench_weights --graph --no-ops: no op counts (-1), a graphed time for some rows."""
+    fields = ["device", "threads", "K", "method", "ops", "median_us", "p20_us", "p80_us", "compiled_us",
+              "compile_s", "graphed_us"]  # fmt: skip
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for k in (2, 4):
+            for method, graphed in (("mokd", 20.0), ("pcgrad", "")):
+                w.writerow({"device": "cuda", "threads": 1, "K": k, "method": method, "ops": -1, "median_us": 250.0,
+                            "p20_us": 240.0, "p80_us": 260.0, "compiled_us": "", "compile_s": "",
+                            "graphed_us": graphed})
+
+
 def test_every_benchmark_csv_becomes_a_png(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(ROOT / "benchmarks" / "results", results)
     _kernels_csv(results / "bench_kernels_gpu.csv")
+    _graphed_weights_csv(results / "bench_weights_graphed.csv")
     (results / "bench_unknown.csv").write_text("a,b\n1,2\n")  # not a benchmark this script knows
     written = _plot_results().plot_folder(str(results), str(tmp_path / "plots"))
     names = sorted(Path(p).name for p in written)
