@@ -36,6 +36,16 @@ Two ways to form the K x K block products (chosen per call by :func:`plan_gram`)
   bf16 dot is broken); the math is the same.
 
 Offsets are int64 (row stride x row index and column index), so stores over 2^31 elements work.
+
+Tuning. The plan (:func:`plan_gram`) is overridable: ``unroll`` U makes each loop iteration
+load U consecutive blocks (U x KP x B elements in flight per program; the loop then runs over
+ceil(N / (U B)) super-blocks, and a fma lane's fp32 chain becomes min(n_iter U, ceil(N / B))
+with n_iter = ceil(N / (U B P))), ``programs_per_sm`` sets P, ``fma_lanes`` sets B = fma_lanes /
+KP^2, ``num_warps`` and ``use_dot`` the rest; keyword overrides, the environment variable
+``GRADBAL_GRAM_PLAN`` ("unroll=4,programs_per_sm=4") or an explicit :class:`GramPlan` passed to
+:func:`gram`. Every plan is deterministic (its own fixed order); different plans round
+differently, each within its own :func:`gram_error_bound`. The defaults (U = 1, 2 programs per
+SM, 16K lanes) are unchanged until benchmarks/tune_gram.py has picked better ones on a GPU.
 """
 
 from __future__ import annotations
