@@ -8,8 +8,11 @@ block) and ``use_dot`` (tl.dot on tiles padded to KP >= 16 instead of lane-wise 
 each K (--ks), N (--ns) and dtype this script times every plan of the grid (--unrolls,
 --programs-per-sm, --fma-lanes; --dot both also tries the other block product at K >= 8) with
 CUDA events (benchmarks/_timing.py: warm-up calls, then the median of --reps; the input
-rotates over enough buffers that the L2 cache never holds the store), as a fraction of the
-device-to-device copy bandwidth measured once (bench_kernels.copy_bandwidth, 1 GiB buffer):
+rotates over enough buffers that the L2 cache never holds the store), replaying a CUDA graph
+of up to --graph-calls calls so that the host's launch time (tens of microseconds, comparable
+to the whole pass for K = 2 at N = 1e7) is not what gets measured (--eager: single calls), as
+a fraction of the device-to-device copy bandwidth measured once (bench_kernels'
+copy_bandwidth, 1 GiB buffer):
 
     %copy = (K N s / median time) / copy GB/s        (s = element size)
 
@@ -60,7 +63,7 @@ REL_TOL = 1e-5
 FIELDS = [
     "device", "dtype", "K", "N", "plan", "default", "use_dot", "k_pad", "block", "unroll",
     "num_programs", "num_warps", "median_ms", "p20_ms", "p80_ms", "GBps", "copy_GBps",
-    "pct_of_copy", "rel_err_vs_default", "ok",
+    "pct_of_copy", "rel_err_vs_default", "ok", "timing",
 ]  # fmt: skip
 
 
@@ -89,6 +92,17 @@ def parse_args(argv=None):
         "meaningful (K >= 8); on/off: force tl.dot / fma (fma only for K <= 16)",
     )
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per plan")
+    p.add_argument(
+        "--graph-calls",
+        type=int,
+        default=8,
+        help="gram calls per captured CUDA graph (each timed replay runs them back to back)",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="time single eager calls (launch overhead included) instead of CUDA graphs",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per plan (compiles)")
     p.add_argument(
         "--budget-s",
@@ -145,6 +159,40 @@ def plan_grid(gram_mod, k: int, dtype: torch.dtype, args) -> list[dict]:
         seen.add(key)
         grid.append(ov)
     return grid
+
+
+def time_plan(
+    fn, nbuf: int, nbytes: int, device: torch.device, args
+) -> tuple[float, float, float, str]:
+    """(median, p20, p80) milliseconds per call of ``fn`` and how they were taken.
+
+    A small store takes the GPU less time than the host needs to launch gram's two kernels
+    (tens of microseconds), so timing single eager calls would measure the launch path. On
+    CUDA (unless --eager) the calls are captured in a CUDA graph, ``calls`` back to back, and
+    each timed replay counts ``elapsed / calls``; if capture fails, eager calls are timed.
+    calls = min(--graph-calls, ceil(1 GB / store bytes)), rounded up to a multiple of the
+    buffer count (every replay reads the buffers in turn): enough to amortise the graph's own
+    launch for small stores, while large ones (which hide it anyway) keep the sweep short."""
+    if device.type == "cuda" and not args.eager:
+        for _ in range(args.warmup):  # compiles, and sets up the allocator outside capture
+            fn()
+        calls = min(args.graph_calls, max(1, math.ceil(1e9 / max(nbytes, 1))))
+        calls = nbuf * math.ceil(calls / nbuf)
+        try:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+        except RuntimeError as err:
+            print(f"  (CUDA graph capture failed, timing eager calls: {err})")
+        else:
+            times = time_ms(graph.replay, device, args.reps, 1)
+            med, p20, p80 = quantiles([t / calls for t in times])
+            del graph
+            return med, p20, p80, f"graph x{calls}"
+    med, p20, p80 = quantiles(time_ms(fn, device, args.reps, args.warmup))
+    return med, p20, p80, "eager"
 
 
 def describe(ov: dict, gram_mod) -> str:
@@ -210,7 +258,7 @@ def main(argv=None) -> int:
                     def fn(plan=plan, turn=turn, bufs=bufs):
                         return gram_mod.gram(bufs[next(turn) % len(bufs)], plan=plan)
 
-                    med, p20, p80 = quantiles(time_ms(fn, device, args.reps, args.warmup))
+                    med, p20, p80, how = time_plan(fn, len(bufs), nbytes, device, args)
                     g = gram_mod.gram(bufs[0], plan=plan)
                     if g_default is None:
                         g_default = g
@@ -226,7 +274,7 @@ def main(argv=None) -> int:
                         "num_warps": plan.num_warps, "median_ms": f"{med:.4f}",
                         "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}", "GBps": f"{gbps:.1f}",
                         "copy_GBps": f"{copy:.1f}", "pct_of_copy": f"{100 * gbps / copy:.1f}",
-                        "rel_err_vs_default": f"{rel:.3g}", "ok": ok,
+                        "rel_err_vs_default": f"{rel:.3g}", "ok": ok, "timing": how,
                     }  # fmt: skip
                     rows_out.append(row)
                     results.append((med, ov, row))

@@ -35,7 +35,7 @@ def test_parse_args(tune):
     assert args.ks == [2, 4, 8, 16] and args.ns == [10**7, 10**8]
     assert args.dtypes == ["fp32", "bf16"] and args.unrolls == [1, 2, 4, 8]
     assert args.programs_per_sm == [1, 2, 4, 8] and args.fma_lanes == [4096, 8192, 16384]
-    assert args.dot == "both" and args.budget_s == 120.0
+    assert args.dot == "both" and args.budget_s == 120.0 and args.graph_calls == 8
     args = tune.parse_args(["--ns", "1e3, 20011", "--dtypes", "bf16", "--dot", "auto"])
     assert args.ns == [1000, 20011] and args.dtypes == ["bf16"] and args.dot == "auto"
     with pytest.raises(SystemExit):
@@ -79,7 +79,7 @@ def test_tiny_sweep_under_the_interpreter(tune, tmp_path, capsys, monkeypatch):
     rows = list(csv.DictReader(out.open()))
     # K = 2: default + 2 plans; K = 8: default + 2 fma + 2 dot (--dot both), per dtype.
     assert len(rows) == 2 * (3 + 5)
-    assert all(r["ok"] == "True" for r in rows)
+    assert all(r["ok"] == "True" and r["timing"] == "eager" for r in rows)
     assert {r["plan"] for r in rows} >= {"default", "unroll=4,programs_per_sm=1,fma_lanes=4096"}
     # A budget already spent: nothing is timed, the CSV is still written (header only).
     assert tune.main([*argv[:-1], str(tmp_path / "empty.csv"), "--budget-s", "1e-9"]) == 0
