@@ -31,10 +31,10 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
     AVAILABLE = False
     _REASON = f"gradbal.kernels needs Triton ({_err}); install the 'triton' extra"
 
-    def gram(rows):
+    def gram(rows, plan=None):
         raise RuntimeError(_REASON)
 
-    def gram_with_nonfinite(rows):
+    def gram_with_nonfinite(rows, plan=None):
         raise RuntimeError(_REASON)
 
     def combine(rows, weights, out, accumulate=False, scale=None):

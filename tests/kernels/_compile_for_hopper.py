@@ -32,35 +32,52 @@ def variants():
     graddrop = importlib.import_module("gradbal.kernels.graddrop")
     next_pow2 = importlib.import_module("gradbal.kernels._launch").next_pow2
     # The Gram pass: the plans gram.plan_gram makes (fma or tl.dot, tile sizes, warps) for
-    # every padded K, as launched on an H100 (132 SMs).
+    # every padded K, as launched on an H100 (132 SMs), with the default unroll and with the
+    # unrolled variants a tuning run may pick (unroll 2 and 4: a tuple of 2 or 4 loaded tiles);
+    # K = 8 and 16 also with the other block product forced (use_dot flipped), as the sweep
+    # in benchmarks/tune_gram.py tries them.
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     programs = 132 * gram._PROGRAMS_PER_SM
     for dt, k in itertools.product(torch_dtypes, [2, 3, 5, 8, 16, 32, gram.MAX_K]):
-        plan = gram.plan_gram(k, 10**7, torch_dtypes[dt])
-        kp = plan.k_pad
-        for count in [True, False]:
-            sig = {
-                "rows_ptr": f"*{dt}", "stride_k": "i64", "part_ptr": "*fp64", "cnt_ptr": "*i64",
-                "N": "i64", "num_blocks": "i32", "K": "constexpr", "KP": "constexpr",
-                "BLOCK": "constexpr", "USE_DOT": "constexpr", "DOT_NATIVE": "constexpr",
-                "COUNT_NONFINITE": "constexpr",
-            }
-            consts = {
-                "K": k, "KP": kp, "BLOCK": plan.block, "USE_DOT": plan.use_dot,
-                "DOT_NATIVE": plan.use_dot and dt != "fp32", "COUNT_NONFINITE": count,
-            }
-            yield f"gram partials {dt} K={k} dot={plan.use_dot} count={count}", \
-                gram._gram_partials_kernel, sig, consts, {"num_warps": plan.num_warps}
-            sig = {
-                "part_ptr": "*fp64", "cnt_ptr": "*i64", "g_ptr": "*fp64", "cnt_out_ptr": "*i64",
-                "P": "i32", "K": "constexpr", "KP": "constexpr", "BLOCK_P": "constexpr",
-                "COUNT_NONFINITE": "constexpr",
-            }
-            block_p = max(1, min(next_pow2(programs), 8192 // (kp * kp)))
-            consts = {"K": k, "KP": kp, "BLOCK_P": block_p, "COUNT_NONFINITE": count}
-            warps = 8 if kp * kp >= 4096 else 4
-            yield f"gram finish {dt} K={k} count={count}", gram._gram_finish_kernel, sig, \
-                consts, {"num_warps": warps}
+        default = gram.plan_gram(k, 10**7, torch_dtypes[dt])
+        plans = [default] + [
+            gram.plan_gram(k, 10**7, torch_dtypes[dt], unroll=u) for u in (2, 4)
+        ]
+        if k in (8, 16):
+            plans.append(gram.plan_gram(k, 10**7, torch_dtypes[dt], use_dot=not default.use_dot))
+        finished = set()  # the finish kernel depends on K, KP and P only
+        for plan in plans:
+            kp = plan.k_pad
+            for count in [True, False]:
+                sig = {
+                    "rows_ptr": f"*{dt}", "stride_k": "i64", "part_ptr": "*fp64",
+                    "cnt_ptr": "*i64", "N": "i64", "num_blocks": "i32", "K": "constexpr",
+                    "KP": "constexpr", "BLOCK": "constexpr", "USE_DOT": "constexpr",
+                    "DOT_NATIVE": "constexpr", "COUNT_NONFINITE": "constexpr",
+                    "UNROLL": "constexpr",
+                }
+                consts = {
+                    "K": k, "KP": kp, "BLOCK": plan.block, "USE_DOT": plan.use_dot,
+                    "DOT_NATIVE": plan.use_dot and dt != "fp32", "COUNT_NONFINITE": count,
+                    "UNROLL": plan.unroll,
+                }
+                yield (
+                    f"gram partials {dt} K={k} dot={plan.use_dot} unroll={plan.unroll} "
+                    f"count={count}"
+                ), gram._gram_partials_kernel, sig, consts, {"num_warps": plan.num_warps}
+                if (kp, count) in finished:
+                    continue
+                finished.add((kp, count))
+                sig = {
+                    "part_ptr": "*fp64", "cnt_ptr": "*i64", "g_ptr": "*fp64",
+                    "cnt_out_ptr": "*i64", "P": "i32", "K": "constexpr", "KP": "constexpr",
+                    "BLOCK_P": "constexpr", "COUNT_NONFINITE": "constexpr",
+                }
+                block_p = max(1, min(next_pow2(programs), 8192 // (kp * kp)))
+                consts = {"K": k, "KP": kp, "BLOCK_P": block_p, "COUNT_NONFINITE": count}
+                warps = 8 if kp * kp >= 4096 else 4
+                yield f"gram finish {dt} K={k} count={count}", gram._gram_finish_kernel, sig, \
+                    consts, {"num_warps": warps}
     for dt, odt, k, acc, mode in itertools.product(
         ["fp32", "bf16", "fp16"], ["fp32", "bf16"], [2, 16], [True, False], [0, 2]
     ):
