@@ -111,3 +111,17 @@ def host_syncs(fn: Callable[[], object], device: torch.device) -> str:
     finally:
         torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+def write_csv(path: str, fields: list[str], rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the keys ``fields``) to the CSV file ``path``, making its
+    folder; says how many rows went where."""
+    import csv
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} rows to {path}")

@@ -40,7 +40,6 @@ defaults to 1e5 and 1e6, and the script says so.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -49,9 +48,9 @@ from collections.abc import Callable
 import torch
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.bench_kernels
-    from _timing import Timer, host_syncs, quantiles
+    from _timing import Timer, host_syncs, quantiles, write_csv
 except ImportError:
-    from ._timing import Timer, host_syncs, quantiles
+    from ._timing import Timer, host_syncs, quantiles, write_csv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPS = ("gram", "combine", "step-mokd", "step-pcgrad", "graddrop", "step-graddrop")
@@ -355,12 +354,7 @@ def main(argv=None) -> int:
         "the copy bandwidth of a K N s buffer"
     )
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows_out)
-        print(f"wrote {len(rows_out)} rows to {args.csv}")
+        write_csv(args.csv, FIELDS, rows_out)
     return 0
 
 

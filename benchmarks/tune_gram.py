@@ -37,7 +37,6 @@ option --device cpu: a check of the script, not a benchmark).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import itertools
 import math
@@ -52,7 +51,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from _timing import Timer, quantiles, time_ms
+from _timing import Timer, quantiles, time_ms, write_csv
 from bench_kernels import copy_bandwidth, free_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -310,12 +309,7 @@ def main(argv=None) -> int:
     else:
         print(f"every plan's G within {REL_TOL} (relative, max-norm) of the default plan's")
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows_out)
-        print(f"wrote {len(rows_out)} rows to {args.csv}")
+        write_csv(args.csv, FIELDS, rows_out)
     return 1 if violations else 0
 
 

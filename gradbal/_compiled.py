@@ -109,17 +109,7 @@ class CompiledMethod(MethodWrapper):
                 self.method.load_state_dict(state)
             if gen_state is not None:
                 generator.set_state(gen_state)
-            # If the eager call raises too, the input was bad: its error is the one to see.
-            w = self.method.weights(gram, losses, generator)
-            self._failed = True
-            first_line = str(err).splitlines()[0] if str(err) else ""
-            warnings.warn(
-                f"gradbal: torch.compile of method {self.name!r} failed ({type(err).__name__}: "
-                f"{first_line}); running it eagerly from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return w
+            return self._eager_from_now_on("torch.compile", err, gram, losses, generator)
         return self._finish(w, mode)
 
     @staticmethod

@@ -28,7 +28,6 @@ left to time this wrapper (see benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -97,17 +96,7 @@ class GraphedMethod(MethodWrapper):
             try:
                 entry = self._capture(gram, losses)
             except Exception as err:  # noqa: BLE001 - a capture failure of any kind
-                # If the eager call raises too, the input was bad: its error is the one to see.
-                w = self.method.weights(gram, losses, generator)
-                self._failed = True
-                first_line = str(err).splitlines()[0] if str(err) else ""
-                warnings.warn(
-                    f"gradbal: capturing method {self.name!r} in a CUDA graph failed "
-                    f"({type(err).__name__}: {first_line}); running it eagerly from now on",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return w
+                return self._eager_from_now_on("CUDA graph capture", err, gram, losses, generator)
             self._graphs[key] = entry
         graph, static_gram, static_losses, static_out = entry
         if static_gram is not None:

@@ -10,6 +10,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ._base import Method
@@ -36,6 +37,21 @@ class MethodWrapper(Method):
         # that code reading them from the class-level defaults sees the wrapped values.
         for flag in _FLAGS:
             setattr(self, flag, getattr(method, flag))
+
+    def _eager_from_now_on(self, what: str, err: Exception, gram, losses, generator):
+        """After ``what`` failed with ``err``: the eager weights, one RuntimeWarning, and eager
+        calls from then on (``self._failed``). If the eager call raises too, the input was
+        bad: its error propagates, and nothing is marked failed."""
+        w = self.method.weights(gram, losses, generator)
+        self._failed = True
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        warnings.warn(
+            f"gradbal: {what} of method {self.name!r} failed ({type(err).__name__}: "
+            f"{first_line}); running it eagerly from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return w
 
     def __getattr__(self, attr: str) -> Any:
         # Only reached for attributes this object lacks: the wrapped method's options
