@@ -39,6 +39,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._ops import env_backend
 from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
@@ -235,8 +236,6 @@ def _eig_kernel_input(gram: Tensor) -> Tensor:
 
 
 def _use_eig_kernel(gram: Tensor) -> bool:
-    from ._ops import env_backend
-
     return (
         gram.is_cuda
         and 1 <= gram.shape[-1] <= 32  # the kernel's MAX_K
