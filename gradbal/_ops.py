@@ -70,16 +70,23 @@ def _triton_ops():
     return fns
 
 
+def env_backend() -> str:
+    """The ``GRADBAL_BACKEND`` override of ``"auto"`` ("auto" when unset or empty); also read
+    by :func:`gradbal.solvers_qp.sym_eig` for its eigendecomposition kernel."""
+    backend = os.environ.get("GRADBAL_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"GRADBAL_BACKEND must be one of {BACKENDS}, got {os.environ['GRADBAL_BACKEND']!r}"
+        )
+    return backend
+
+
 def resolve_backend(rows: Tensor, backend: str = "auto") -> str:
     """The backend that will run for ``rows``: "torch" or "triton"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("GRADBAL_BACKEND", "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"GRADBAL_BACKEND must be one of {BACKENDS}, got {os.environ['GRADBAL_BACKEND']!r}"
-            )
+        backend = env_backend()
     if backend == "auto":
         use_triton = (
             rows.is_cuda

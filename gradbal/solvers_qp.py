@@ -8,8 +8,10 @@ input (rank-deficient, zero rows, equal or opposite rows, mixed scales).
 * :func:`sym_eig`: symmetric eigendecomposition (Aligned-MTL, IMTL-G, ConFIG). On the CPU it
   is LAPACK's ``syevd`` (``torch.linalg.eigh``: no device to synchronise with). On other
   devices ``torch.linalg.eigh`` synchronises with the host (see its documentation), so a
-  batched cyclic Jacobi method with a fixed number of sweeps runs instead
-  (:func:`jacobi_eigh`).
+  cyclic Jacobi method with a fixed number of sweeps runs instead: on CUDA one Triton launch
+  for the whole decomposition (:func:`gradbal.kernels.jacobi_eigh`, K <= 32), and the batched
+  torch-op version (:func:`jacobi_eigh`, one kernel launch per op) where Triton is
+  unavailable, K > 32, or it is forced (``GRADBAL_BACKEND=torch``, ``method="jacobi"``).
 * :func:`project_dual_cone`: the weights of the projection of ``J^T u`` onto the dual cone of
   the rows of J, ``argmin_{v >= u} v^T G v`` (UPGrad, DualProj), batched over u. A closed
   form for K = 2; exact support enumeration for K <= ``EXACT_MAX_K``; above, a primal-dual
@@ -32,10 +34,12 @@ exact KKT check; otherwise the iterative answer is returned (it is finite in eve
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor
 
+from ._ops import env_backend
 from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
@@ -204,16 +208,84 @@ def _jacobi(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     return evals, v
 
 
+#: ``method`` values of :func:`sym_eig`.
+SYM_EIG_METHODS = ("auto", "eigh", "jacobi", "triton")
+
+# Set when the eigendecomposition kernel failed under "auto" (a GPU Triton cannot compile for):
+# the torch Jacobi method runs from then on, after one warning.
+_eig_kernel_failed = False
+
+
+@functools.lru_cache(maxsize=1)
+def _eig_kernel():
+    """``gradbal.kernels.jacobi_eigh``, or None without Triton (imported on first use, as
+    :mod:`gradbal._ops` does: importing Triton is slow and optional)."""
+    try:
+        from gradbal import kernels
+    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
+        return None
+    if not getattr(kernels, "AVAILABLE", False):
+        return None
+    return getattr(kernels, "jacobi_eigh", None)
+
+
+def _eig_kernel_input(gram: Tensor) -> Tensor:
+    # The kernel reads float64 or float32 with any strides and does _sym's work itself
+    # (non-finite entries read as 0, (G + G^T) / 2): no torch op before the launch.
+    return gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
+
+
+def _use_eig_kernel(gram: Tensor) -> bool:
+    return (
+        gram.is_cuda
+        and 1 <= gram.shape[-1] <= 32  # the kernel's MAX_K
+        and not _eig_kernel_failed
+        and env_backend() != "torch"
+        and _eig_kernel() is not None
+    )
+
+
+def _eig_fallback(err: Exception) -> None:
+    global _eig_kernel_failed
+    _eig_kernel_failed = True
+    warnings.warn(
+        f"gradbal: the Triton eigendecomposition kernel failed ({type(err).__name__}: {err}); "
+        "falling back to the torch Jacobi method for the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,  # _eig_fallback, sym_eig: point at sym_eig's caller
+    )
+
+
 def sym_eig(gram: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric ``gram[..., K, K]``.
 
     ``method="auto"``: LAPACK (``torch.linalg.eigh``) on the CPU, where no device sync
-    exists; :func:`jacobi_eigh` on any other device, because ``torch.linalg.eigh``
-    synchronises a CUDA device with the host. ``"eigh"`` / ``"jacobi"`` force one.
+    exists. Elsewhere ``torch.linalg.eigh`` synchronises a CUDA device with the host, so a
+    cyclic Jacobi method with a fixed number of sweeps runs: on CUDA with Triton (and K <= 32)
+    in one launch (:func:`gradbal.kernels.jacobi_eigh`), otherwise, or with
+    ``GRADBAL_BACKEND=torch``, as torch ops (:func:`jacobi_eigh`). If the kernel fails (a GPU
+    Triton cannot compile for), one warning and the torch ops from then on.
+    ``"eigh"`` / ``"jacobi"`` / ``"triton"`` force LAPACK, the torch Jacobi method or the
+    kernel (which raises where it cannot run). Results are float64.
     Non-finite entries are read as 0, so this never raises on a NaN Gram matrix.
     """
-    if method not in ("auto", "eigh", "jacobi"):
-        raise ValueError(f"method must be 'auto', 'eigh' or 'jacobi', got {method!r}")
+    if method not in SYM_EIG_METHODS:
+        raise ValueError(
+            f"method must be 'auto', 'eigh', 'jacobi' or 'triton', got {method!r}"
+        )
+    if method == "triton":
+        kernel = _eig_kernel()
+        if kernel is None:
+            raise RuntimeError(
+                "sym_eig(method='triton') needs gradbal.kernels (install the 'triton' extra), "
+                "or use method='jacobi'"
+            )
+        return kernel(_eig_kernel_input(gram))
+    if method == "auto" and gram.device.type != "cpu" and _use_eig_kernel(gram):
+        try:
+            return _eig_kernel()(_eig_kernel_input(gram))
+        except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
+            _eig_fallback(err)
     g = _sym(gram)
     if method == "jacobi" or (method == "auto" and g.device.type != "cpu"):
         return _jacobi(g)

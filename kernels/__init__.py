@@ -11,18 +11,22 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
 * :func:`graddrop` (:mod:`.graddrop`): GradDrop's elementwise pass (sign purity against
   caller-made uniforms, the surviving sum) in one read of the rows and one write, bit-identical
   to the torch pass in ``gradbal._ops``.
+* :func:`jacobi_eigh` (:mod:`.eigh`): the K x K stage's symmetric eigendecomposition (batched,
+  K <= 32) by cyclic Jacobi rotations in registers, one launch, sorted ascending.
 
-``gradbal._ops`` dispatches to these for CUDA tensors when :data:`AVAILABLE`. This package
+``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
+:func:`jacobi_eigh`, for CUDA tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
 """
 
 from __future__ import annotations
 
-__all__ = ["AVAILABLE", "combine", "graddrop", "gram", "gram_with_nonfinite"]
+__all__ = ["AVAILABLE", "combine", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh"]
 
 try:
     from .combine import combine
+    from .eigh import jacobi_eigh
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
@@ -41,6 +45,9 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def graddrop(rows, noise, out, accumulate=False, leak=None):
+        raise RuntimeError(_REASON)
+
+    def jacobi_eigh(a, sweeps=None):
         raise RuntimeError(_REASON)
 
 else:

@@ -36,7 +36,9 @@ class AlignedMTL(Method):
     ``B = I``.
 
     The eigendecomposition runs on the device (:func:`gradbal.solvers_qp.sym_eig`: LAPACK
-    on the CPU, fixed-sweep Jacobi elsewhere since ``torch.linalg.eigh`` syncs on CUDA).
+    on the CPU; on CUDA, where ``torch.linalg.eigh`` syncs with the host, a fixed-sweep cyclic
+    Jacobi method in one Triton launch, or as torch ops when Triton is unavailable or forced
+    with ``GRADBAL_BACKEND=torch``).
 
     Defaults: ``scale_mode="min"`` (paper, official code, LibMTL, TorchJD);
     ``pref_vector`` = ones, i.e. the sum of the aligned gradients (official code and
@@ -89,8 +91,9 @@ class AlignedMTL(Method):
         k = gram.shape[-1]
         self.check_num_objectives(k)
         if k == 2:
-            # Off the CPU sym_eig is a Jacobi sweep: 64 ops (kernel launches) in all against
-            # the closed form's 20. On the CPU the general path is 16 ops plus LAPACK's eigh;
+            # Off the CPU sym_eig is one Triton launch (a torch Jacobi sweep of 64 ops, i.e.
+            # kernel launches, without Triton) plus the general path's ops, against the closed
+            # form's 20. On the CPU the general path is 16 ops plus LAPACK's eigh;
             # in a tight loop they time the same, but right after the passes over a [2, 1M]
             # store (as in a step) the closed form took 86 us against 121 (2-core VM, medians
             # of 200 interleaved calls).
@@ -117,8 +120,8 @@ def _deviator_2(device: torch.device) -> Tensor:
 
 def _aligned_mtl_2(gram: Tensor, p: Tensor, scale_mode: str) -> Tensor:
     r"""``w = B p`` for K = 2 in closed form, without an eigendecomposition: 20 small ops (24
-    for ``"rmse"``) where the general path takes LAPACK's eigh and 16 ops on the CPU, a
-    Jacobi sweep and ~85 ops elsewhere.
+    for ``"rmse"``) where the general path takes LAPACK's eigh and 16 ops on the CPU, the
+    eigendecomposition kernel (or, without Triton, a Jacobi sweep and ~85 ops) elsewhere.
 
     With ``m = tr(G) / 2``, the traceless part ``S = G - m I`` and ``h = hypot(S_00, S_01)``,
     G has the eigenvalues ``lambda_+- = m +- h`` and the spectral projectors

@@ -76,7 +76,7 @@ def _config(g: Tensor, p: Tensor) -> Tensor:
 
 def _config_2(g: Tensor) -> Tensor:
     """K = 2 and ``p = 1`` (or any ``c 1``) in closed form, without the eigendecomposition (11
-    small ops instead of ~30 and LAPACK's ``eigh``; on a GPU, instead of a Jacobi sweep).
+    small ops instead of ~30 and LAPACK's ``eigh``; on a GPU, instead of the Jacobi eigendecomposition).
 
     With both gradients nonzero, 1 is the eigenvector ``[1, 1]`` of ``C = [[1, c], [c, 1]]``,
     so ``C^+ 1 = 1 / (1 + c)`` when rank_mask keeps ``1 + c``, else 0 (nearly opposite

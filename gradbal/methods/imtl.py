@@ -60,7 +60,7 @@ def _imtl_g(g: torch.Tensor) -> torch.Tensor:
 
 def _imtl_g_2(g: torch.Tensor) -> torch.Tensor:
     """K = 2 in closed form, without the eigendecomposition (9 small ops instead of ~30 and
-    LAPACK's ``eigh``; on a GPU, instead of a Jacobi sweep).
+    LAPACK's ``eigh``; on a GPU, instead of the Jacobi eigendecomposition).
 
     With both gradients nonzero, ``C = [[1, c], [c, 1]]`` has the eigenvalues ``1 + c`` (vector
     ``[1, 1]``) and ``1 - c`` (vector ``[1, -1]``, orthogonal to 1), so ``C^+ 1 = 1 / (1 + c)``
