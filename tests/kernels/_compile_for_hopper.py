@@ -110,6 +110,20 @@ def variants():
         yield f"graddrop {dt}->{odt} K={k} leak={leak} acc={acc}", \
             graddrop._graddrop_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": False}
 
+    # The K x K eigendecomposition (Aligned-MTL, IMTL-G, ConFIG on CUDA): every K the tests
+    # check, fp64 input, and fp32 input at two sizes.
+    eigh = importlib.import_module("gradbal.kernels.eigh")
+    for k in [2, 3, 4, 8, 16, 32]:
+        kp = max(2, next_pow2(k))
+        for dt in (["fp64", "fp32"] if k in (4, 32) else ["fp64"]):
+            sig = {
+                "a_ptr": f"*{dt}", "stride_b": "i64", "stride_r": "i64", "stride_c": "i64",
+                "w_ptr": "*fp64", "v_ptr": "*fp64", "sweeps": "i32",
+                "K": "constexpr", "KP": "constexpr",
+            }
+            yield f"eigh {dt} K={k}", eigh._eigh_kernel, sig, {"K": k, "KP": kp}, \
+                {"num_warps": eigh._num_warps(kp)}
+
 
 def main() -> int:
     failed = 0
