@@ -125,3 +125,28 @@ def write_csv(path: str, fields: list[str], rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {path}")
+
+
+def graph_ms(fn: Callable[[], object], device: torch.device, reps: int, calls: int) -> list[float] | None:
+    """Milliseconds per call of ``fn`` when ``calls`` calls are captured back to back in one
+    CUDA graph and each of ``reps`` replays is timed by events (``elapsed / calls``); None
+    when the capture fails (the caller then times eager calls).
+
+    Why: a call whose GPU work is shorter than its host-side launch path (a Triton launch from
+    Python is tens of microseconds) is timed by events as the host's time, not the kernel's;
+    replaying a graph launches all of them at once. ``fn`` must have run before (compiled,
+    allocator warmed), outside the capture."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        return None
+    times = time_ms(graph.replay, device, reps, 1)
+    del graph
+    return [t / calls for t in times]

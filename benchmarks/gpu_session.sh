@@ -75,7 +75,7 @@ want gpu_tests && stage gpu_tests 240 "$py" -m pytest -m gpu -q -rs -p no:cachep
     --timeout 120 --durations=20 tests
 # N = 1e6 and 1e7 first (the targets' sizes), then 1e8 apart: a timeout there keeps the rest.
 want bench_kernels && stage bench_kernels 95 "$py" benchmarks/bench_kernels.py --ks 2,4,8,16 \
-    --ns 1e6,1e7 --dtypes fp32,bf16 --reps 15 --csv "$out/bench_kernels_gpu.csv"
+    --ns 1e6,1e7 --dtypes fp32,bf16 --reps 15 --graph-calls 8 --csv "$out/bench_kernels_gpu.csv"
 want bench_step && stage bench_step 150 "$py" benchmarks/bench_step.py --device cuda --batch 128 \
     --size 224 --warmup 2 --repeats 10 --csv "$out/bench_step_gpu.csv"
 want bench_weights_graphed && stage bench_weights_graphed 45 "$py" benchmarks/bench_weights.py \
@@ -88,7 +88,7 @@ want bench_weights_compiled && stage bench_weights_compiled 90 "$py" benchmarks/
     --device cuda --reps 10 --ks 4 16 --methods mokd mgda upgrad --compile \
     --csv "$out/bench_weights_compiled_gpu.csv"
 want bench_kernels_1e8 && stage bench_kernels_1e8 40 "$py" benchmarks/bench_kernels.py --ks 2,8 \
-    --ns 1e8 --dtypes fp32,bf16 --providers triton,torch --reps 10 \
+    --ns 1e8 --dtypes fp32,bf16 --providers triton,torch --reps 10 --graph-calls 4 \
     --csv "$out/bench_kernels_gpu_1e8.csv"
 want tune_gram && stage tune_gram 150 "$py" benchmarks/tune_gram.py --budget-s 120 \
     --csv "$out/tune_gram_gpu.csv"

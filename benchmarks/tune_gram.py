@@ -51,7 +51,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from _timing import Timer, quantiles, time_ms, write_csv
+from _timing import Timer, graph_ms, quantiles, time_ms, write_csv
 from bench_kernels import copy_bandwidth, free_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,18 +177,11 @@ def time_plan(
             fn()
         calls = min(args.graph_calls, max(1, math.ceil(1e9 / max(nbytes, 1))))
         calls = nbuf * math.ceil(calls / nbuf)
-        try:
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    fn()
-        except RuntimeError as err:
-            print(f"  (CUDA graph capture failed, timing eager calls: {err})")
+        times = graph_ms(fn, device, args.reps, calls)
+        if times is None:
+            print("  (CUDA graph capture failed, timing eager calls)")
         else:
-            times = time_ms(graph.replay, device, args.reps, 1)
-            med, p20, p80 = quantiles([t / calls for t in times])
-            del graph
+            med, p20, p80 = quantiles(times)
             return med, p20, p80, f"graph x{calls}"
     med, p20, p80 = quantiles(time_ms(fn, device, args.reps, args.warmup))
     return med, p20, p80, "eager"
