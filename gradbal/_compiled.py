@@ -57,7 +57,6 @@ class CompiledMethod(MethodWrapper):
         self.compile_options = compile_options
         self._compiled: dict[str | None, Any] = {}  # resolved mode -> compiled weights
         self._working: set[tuple] = set()  # (mode, shape, device, dtype) that ran compiled
-        self._failed = False
 
     def _mode_for(self, ref: Tensor) -> str | None:
         """``mode``, or with ``mode=None`` (``ref``: the Gram matrix, or the losses): CUDA graphs (``"reduce-overhead"``) for a

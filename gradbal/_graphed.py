@@ -61,7 +61,6 @@ class GraphedMethod(MethodWrapper):
         super().__init__(method)
         # key -> (graph, static gram, static losses, static output)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor | None, Tensor | None, Tensor]] = {}
-        self._failed = False
 
     @staticmethod
     def _key(gram: Tensor | None, losses: Tensor | None) -> tuple:

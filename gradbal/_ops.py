@@ -103,15 +103,22 @@ def resolve_backend(rows: Tensor, backend: str = "auto") -> str:
     return backend
 
 
+def warn_kernel_failure(what: str, instead: str, err: Exception, stacklevel: int) -> None:
+    """The one warning when a Triton kernel fails (a GPU Triton cannot compile for) and
+    ``instead`` runs for the rest of the process; ``stacklevel`` counts from the caller."""
+    warnings.warn(
+        f"gradbal: {what} failed ({type(err).__name__}: {err}); falling back to {instead} "
+        "for the rest of this process",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _fallback(err: Exception) -> None:
     global _triton_failed
     _triton_failed = True
-    warnings.warn(
-        f"gradbal: Triton kernels failed ({type(err).__name__}: {err}); falling back to torch "
-        "ops for the rest of this process",
-        RuntimeWarning,
-        stacklevel=4,  # _fallback, _dispatch, the pass: point at the pass's caller
-    )
+    # _fallback, _dispatch, the pass: point at the pass's caller
+    warn_kernel_failure("Triton kernels", "torch ops", err, stacklevel=4)
 
 
 def gram_torch(rows: Tensor) -> Tensor:

@@ -18,6 +18,8 @@ from .methods._common import device_generator, draw_seed
 __all__ = ["MultiObjectiveOptimizer"]
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
+GRAM_PARAMS = ("shared", "all")
+_STATE_KEY = "gradbal"
 
 
 def _copy_to_host_async(t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
@@ -28,8 +30,6 @@ def _copy_to_host_async(t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
     event = torch.cuda.Event()
     event.record()
     return host, event
-GRAM_PARAMS = ("shared", "all")
-_STATE_KEY = "gradbal"
 
 
 class _ReachRecorder(distributed.ReachRecorder):

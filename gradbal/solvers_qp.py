@@ -34,12 +34,11 @@ exact KKT check; otherwise the iterative answer is returned (it is finite in eve
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import Tensor
 
-from ._ops import env_backend
+from ._ops import env_backend, warn_kernel_failure
 from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
@@ -248,11 +247,9 @@ def _use_eig_kernel(gram: Tensor) -> bool:
 def _eig_fallback(err: Exception) -> None:
     global _eig_kernel_failed
     _eig_kernel_failed = True
-    warnings.warn(
-        f"gradbal: the Triton eigendecomposition kernel failed ({type(err).__name__}: {err}); "
-        "falling back to the torch Jacobi method for the rest of this process",
-        RuntimeWarning,
-        stacklevel=3,  # _eig_fallback, sym_eig: point at sym_eig's caller
+    # _eig_fallback, sym_eig: point at sym_eig's caller
+    warn_kernel_failure(
+        "the Triton eigendecomposition kernel", "the torch Jacobi method", err, stacklevel=3
     )
 
 
@@ -281,7 +278,7 @@ def sym_eig(gram: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
                 "or use method='jacobi'"
             )
         return kernel(_eig_kernel_input(gram))
-    if method == "auto" and gram.device.type != "cpu" and _use_eig_kernel(gram):
+    if method == "auto" and _use_eig_kernel(gram):  # CUDA only
         try:
             return _eig_kernel()(_eig_kernel_input(gram))
         except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch

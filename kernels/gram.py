@@ -325,11 +325,18 @@ PLAN_ENV = "GRADBAL_GRAM_PLAN"
 
 #: Overridable plan settings (``plan_gram(..., key=value)`` or :data:`PLAN_ENV`) and the values
 #: each accepts.
+# The integer settings: (lowest, highest, power of two only, what it is).
+_INT_BOUNDS = {
+    "programs_per_sm": (1, 64, False, ""),
+    "fma_lanes": (1024, 65536, True, " (fp32 accumulators per program, fma path)"),
+    "unroll": (1, _MAX_UNROLL, True, ""),
+    "num_warps": (1, 16, True, ""),
+}
 PLAN_KEYS = {
-    "programs_per_sm": "an integer in [1, 64]",
-    "fma_lanes": "a power of two in [1024, 65536] (fp32 accumulators per program, fma path)",
-    "unroll": f"a power of two in [1, {_MAX_UNROLL}]",
-    "num_warps": "a power of two in [1, 16]",
+    **{
+        key: f"{'a power of two' if pow2 else 'an integer'} in [{lo}, {hi}]{what}"
+        for key, (lo, hi, pow2, what) in _INT_BOUNDS.items()
+    },
     "use_dot": "a boolean: 1/0, true/false, yes/no or on/off (True pads K to >= 16)",
 }
 
@@ -360,13 +367,8 @@ def _check_override(key: str, value, where: str):
             raise bad from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad
-    lo, hi = {
-        "programs_per_sm": (1, 64),
-        "fma_lanes": (1024, 65536),
-        "unroll": (1, _MAX_UNROLL),
-        "num_warps": (1, 16),
-    }[key]
-    if not lo <= value <= hi or (key != "programs_per_sm" and value & (value - 1)):
+    lo, hi, pow2, _ = _INT_BOUNDS[key]
+    if not lo <= value <= hi or (pow2 and value & (value - 1)):
         raise bad
     return value
 

@@ -37,6 +37,7 @@ class MethodWrapper(Method):
         # that code reading them from the class-level defaults sees the wrapped values.
         for flag in _FLAGS:
             setattr(self, flag, getattr(method, flag))
+        self._failed = False  # set by _eager_from_now_on: run the plain method from then on
 
     def _eager_from_now_on(self, what: str, err: Exception, gram, losses, generator):
         """After ``what`` failed with ``err``: the eager weights, one RuntimeWarning, and eager
