@@ -1,7 +1,7 @@
 """``graph_method``: a method whose K x K stage is replayed from a CUDA graph.
 
 On a GPU every small tensor op of the K x K stage is a kernel launch: measured on an H100
-(2026-11-26, ``python3 benchmarks/bench_weights.py --device cuda``), 12-15 us each, so MoKD's
+(2026-11-26, ``python3 benchmarks/bench_weights.py --device cuda``), a median 15 us each, so MoKD's
 19-op K = 2 closed form takes 0.25 ms and the K = 16 interior point (822 ops) 13 ms, while
 the two passes over a [2, 1e7] store take 0.13 ms. The stage has fixed shapes, fixed
 iteration counts and no host synchronisation (``tests/methods/test_no_sync.py``), which is
