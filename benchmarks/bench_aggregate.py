@@ -15,6 +15,9 @@ For each K and N the script times, on the same fp32 [K, N] matrix of task gradie
 
 With ``--compile`` each Gram-based method runs as ``gradbal.compile_method(name)`` (its K x K
 stage through ``torch.compile``; the warm-up calls compile it), column ``compiled`` in the CSV.
+With ``--graph`` (CUDA) each method that a CUDA graph can replay (stateless, drawing nothing
+from the generator) runs as ``gradbal.graph_method(name)``, column ``graphed``; the others
+run as they are (on CPU every method does: graphs are CUDA's).
 
 It prints, per method, the ratio ``aggregate / floor`` (target: <= 1.2 for Gram-based
 methods) and ``torchjd / gradbal`` (> 1: gradbal is faster), and writes every row
@@ -53,7 +56,7 @@ except ImportError:
 
 FIELDS = [
     "device", "threads", "K", "N", "method", "provider", "median_ms", "p20_ms", "p80_ms",
-    "weights_ms", "ratio_to_floor", "torchjd_over_gradbal", "compiled",
+    "weights_ms", "ratio_to_floor", "torchjd_over_gradbal", "compiled", "graphed",
 ]
 
 # gradbal name -> TorchJD 0.18 aggregator (same defaults where they exist)
@@ -100,7 +103,7 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
         return _ops.combine(rows, w_fixed, out)
 
     gram = _ops.gram(rows)
-    base = {"device": str(device), "threads": torch.get_num_threads(), "K": k, "N": n, "compiled": False}
+    base = {"device": str(device), "threads": torch.get_num_threads(), "K": k, "N": n, "compiled": False, "graphed": False}
     floor_times: list[float] = []
     result = []
     for name in methods:
@@ -108,6 +111,9 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
         if args.compile and m.needs_gram and not m.elementwise:
             # The warm-up calls compile it (once per K).
             m = gradbal.compile_method(m)
+        elif args.graph and device.type == "cuda" and m.needs_gram and not (m.elementwise or m.stateful or m.draws_random):
+            # The warm-up calls capture it (once per K).
+            m = gradbal.graph_method(m)
         g = torch.Generator().manual_seed(1)
         gram_arg = gram if m.requires_task_gradients else None
 
@@ -129,6 +135,7 @@ def bench_config(args, k: int, n: int, methods: list[str], tjd) -> list[dict]:
         floor_times += f_times
         med, p20, p80 = quantiles(s_times)
         row = {**base, "method": name, "provider": "gradbal", "compiled": isinstance(m, gradbal.CompiledMethod),
+               "graphed": isinstance(m, gradbal.GraphedMethod),
                "median_ms": med, "p20_ms": p20,
                "p80_ms": p80, "weights_ms": w_med,
                "ratio_to_floor": med / statistics.median(f_times), "torchjd_over_gradbal": ""}
@@ -219,6 +226,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-torchjd", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="run each Gram-based method as gradbal.compile_method(name) (torch.compile)")
+    p.add_argument("--graph", action="store_true",
+                   help="replay each replayable method's K x K stage from a CUDA graph (gradbal.graph_method)")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
     args.ns = [int(n) for n in args.ns]
