@@ -44,8 +44,9 @@ with n_iter = ceil(N / (U B P))), ``programs_per_sm`` sets P, ``fma_lanes`` sets
 KP^2, ``num_warps`` and ``use_dot`` the rest; keyword overrides, the environment variable
 ``GRADBAL_GRAM_PLAN`` ("unroll=4,programs_per_sm=4") or an explicit :class:`GramPlan` passed to
 :func:`gram`. Every plan is deterministic (its own fixed order); different plans round
-differently, each within its own :func:`gram_error_bound`. The defaults (U = 1, 2 programs per
-SM, 16K lanes) are unchanged until benchmarks/tune_gram.py has picked better ones on a GPU.
+differently, each within its own :func:`gram_error_bound`. The defaults are the plans
+benchmarks/tune_gram.py measured fastest on an H200 (``_TUNED``; U = 4 or 8 everywhere); plans
+it has not swept keep U = 1, 2 programs per SM and 16K lanes.
 """
 
 from __future__ import annotations
@@ -308,13 +309,30 @@ class GramPlan:
             raise ValueError("gram: invalid GramPlan " + repr(self) + ": " + "; ".join(problems))
 
 
+# Untuned fallback (plans no sweep has covered: the fp32 dot path, KP = 32 and 64).
 # Programs per SM: two resident programs hide the latency of one another's loads.
 _PROGRAMS_PER_SM = 2
 # fp32 lane accumulators (KP^2 x B) per program in the fma path: 64 per thread at 8 warps,
-# which leaves registers for the loaded tile without spilling. (To be tuned on a GPU.)
+# which leaves registers for the loaded tile without spilling.
 _FMA_LANES = 16384
-# Column blocks per loop iteration (1: one [KP, B] load per iteration). (To be tuned on a GPU.)
+# Column blocks per loop iteration (1: one [KP, B] load per iteration).
 _UNROLL = 1
+# Tuned defaults, (path, KP, element bytes) -> (unroll, programs_per_sm, fma_lanes): the plan
+# of benchmarks/tune_gram.py's sweep that was fastest at N = 1e7 and 1e8 together (CUDA-graph
+# replays on an NVIDIA H200, 2026-11-26; benchmarks/RESULTS.md has the table and the command).
+# Every fastest plan loads several blocks per iteration (U = 4 or 8): one block in flight per
+# program left the pass at 16-68% of the copy bandwidth, these reach 39-104%. 2-byte rows
+# were swept as bf16; fp16 has the same bytes per column and takes the same plans.
+_TUNED = {
+    ("fma", 2, 4): (4, 2, 8192),
+    ("fma", 4, 4): (8, 2, 8192),
+    ("fma", 8, 4): (8, 2, 8192),
+    ("fma", 16, 4): (8, 1, 16384),
+    ("fma", 2, 2): (4, 4, 4096),
+    ("fma", 4, 2): (8, 2, 8192),
+    ("fma", 8, 2): (8, 2, 8192),
+    ("dot", 16, 2): (8, 2, _FMA_LANES),
+}
 # Bounds of the overrides: larger unrolls or tiles only spill registers.
 _MAX_UNROLL = 16
 _MAX_TILE = 65536
@@ -406,7 +424,8 @@ def plan_gram(
 
     Defaults: fma for KP = max(2, next_pow2(K)) <= 16 (fp32) or <= 8 (bf16/fp16), with
     B = fma_lanes / KP^2 columns per block; else tl.dot on [KP, 2048 / KP] tiles, KP >= 16;
-    P = min(ceil(N / (U B)), SMs x programs_per_sm); U = unroll = 1.
+    P = min(ceil(N / (U B)), SMs x programs_per_sm); (U, programs_per_sm, fma_lanes) from the
+    GPU sweep's table ``_TUNED`` per (path, KP, element size), (1, 2, 16384) where it has none.
 
     ``overrides`` (see :data:`PLAN_KEYS`) replace these defaults; the settings in the
     environment variable :data:`PLAN_ENV` apply first, the keyword overrides on top. Forcing
@@ -423,6 +442,11 @@ def plan_gram(
     use_dot = settings.get("use_dot", kp > fma_limit)
     if use_dot:
         kp = max(16, kp)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    unroll, per_sm, lanes = _TUNED.get(
+        ("dot" if use_dot else "fma", kp, itemsize), (_UNROLL, _PROGRAMS_PER_SM, _FMA_LANES)
+    )
+    if use_dot:
         # [KP, B] tile of 2K elements (B = 128, 64, 32 for KP = 16, 32, 64) beside a float64
         # [KP, KP] accumulator.
         block = 2048 // kp
@@ -435,13 +459,13 @@ def plan_gram(
             )
         # 16K fp32 lane accumulators (64 per thread at 8 warps): B = 4096, 1024, 256, 64
         # columns for KP = 2, 4, 8, 16, i.e. 32 KiB (fp32) in flight per program and block.
-        block = settings.get("fma_lanes", _FMA_LANES) // (kp * kp)
+        block = settings.get("fma_lanes", lanes) // (kp * kp)
         num_warps = 8
     num_warps = settings.get("num_warps", num_warps)
-    unroll = settings.get("unroll", _UNROLL)
+    unroll = settings.get("unroll", unroll)
     num_blocks = triton.cdiv(n, unroll * block)
     probe = rows if rows is not None else torch.empty(0)
-    per_sm = settings.get("programs_per_sm", _PROGRAMS_PER_SM)
+    per_sm = settings.get("programs_per_sm", per_sm)
     p = num_programs(probe, num_blocks, per_sm, INTERPRETED)
     return GramPlan(kp, block, p, use_dot, num_warps, unroll)
 

@@ -32,16 +32,16 @@ def variants():
     graddrop = importlib.import_module("gradbal.kernels.graddrop")
     next_pow2 = importlib.import_module("gradbal.kernels._launch").next_pow2
     # The Gram pass: the plans gram.plan_gram makes (fma or tl.dot, tile sizes, warps) for
-    # every padded K, as launched on an H100 (132 SMs), with the default unroll and with the
-    # unrolled variants a tuning run may pick (unroll 2 and 4: a tuple of 2 or 4 loaded tiles);
+    # every padded K, as launched on an H100 (132 SMs), with the default (tuned) unroll and with
+    # the other unrolls a tuning run may pick (1, 2, 4: a tuple of that many loaded tiles);
     # K = 8 and 16 also with the other block product forced (use_dot flipped), as the sweep
     # in benchmarks/tune_gram.py tries them.
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    programs = 132 * gram._PROGRAMS_PER_SM
     for dt, k in itertools.product(torch_dtypes, [2, 3, 5, 8, 16, 32, gram.MAX_K]):
         default = gram.plan_gram(k, 10**7, torch_dtypes[dt])
         plans = [default] + [
-            gram.plan_gram(k, 10**7, torch_dtypes[dt], unroll=u) for u in (2, 4)
+            gram.plan_gram(k, 10**7, torch_dtypes[dt], unroll=u) for u in (1, 2, 4)
+            if u != default.unroll
         ]
         if k in (8, 16):
             plans.append(gram.plan_gram(k, 10**7, torch_dtypes[dt], use_dot=not default.use_dot))
@@ -73,11 +73,13 @@ def variants():
                     "cnt_out_ptr": "*i64", "P": "i32", "K": "constexpr", "KP": "constexpr",
                     "BLOCK_P": "constexpr", "COUNT_NONFINITE": "constexpr",
                 }
-                block_p = max(1, min(next_pow2(programs), 8192 // (kp * kp)))
-                consts = {"K": k, "KP": kp, "BLOCK_P": block_p, "COUNT_NONFINITE": count}
                 warps = 8 if kp * kp >= 4096 else 4
-                yield f"gram finish {dt} K={k} count={count}", gram._gram_finish_kernel, sig, \
-                    consts, {"num_warps": warps}
+                # The tuned plans run 1, 2 or 4 programs per SM: P, hence BLOCK_P, varies.
+                for block_p in sorted({max(1, min(next_pow2(132 * per_sm), 8192 // (kp * kp)))
+                                       for per_sm in (1, 2, 4)}):
+                    consts = {"K": k, "KP": kp, "BLOCK_P": block_p, "COUNT_NONFINITE": count}
+                    yield (f"gram finish {dt} K={k} count={count} BLOCK_P={block_p}",
+                           gram._gram_finish_kernel, sig, consts, {"num_warps": warps})
     for dt, odt, k, acc, mode in itertools.product(
         ["fp32", "bf16", "fp16"], ["fp32", "bf16"], [2, 16], [True, False], [0, 2]
     ):

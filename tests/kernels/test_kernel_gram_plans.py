@@ -107,21 +107,28 @@ def test_plan_nonfinite_counts(k, n, dtype, overrides, device, poison, gram_mod,
         ).all()
 
 
-def test_defaults_unchanged(gram_mod):
-    """No override = unroll 1 and the fields the plan had before it was tunable."""
-    for k, dtype in [
-        (2, torch.float32),
-        (8, torch.bfloat16),
-        (16, torch.float32),
-        (16, torch.bfloat16),
-    ]:
-        plan = gram_mod.plan_gram(k, 10**5, dtype)
-        assert plan.unroll == 1
-        assert plan == gram_mod.plan_gram(
-            k, 10**5, dtype, unroll=1, programs_per_sm=gram_mod._PROGRAMS_PER_SM
-        )
-        if not plan.use_dot:
-            assert plan.block == 16384 // plan.k_pad**2 and plan.num_warps == 8
+def test_defaults_follow_the_tuned_table(gram_mod):
+    """No override = the GPU sweep's plan for (path, KP, element size), written out here by
+    hand from benchmarks/RESULTS.md (H200 tune_gram table), and the untuned fallback
+    (U = 1, 2 programs per SM, 16K lanes) for what the sweep did not cover."""
+    expected = {  # (K, dtype) -> (use_dot, unroll, block, same plan as programs_per_sm=...)
+        (2, torch.float32): (False, 4, 8192 // 4, 2),
+        (3, torch.float32): (False, 8, 8192 // 16, 2),
+        (8, torch.float32): (False, 8, 8192 // 64, 2),
+        (16, torch.float32): (False, 8, 16384 // 256, 1),
+        (2, torch.bfloat16): (False, 4, 4096 // 4, 4),
+        (2, torch.float16): (False, 4, 4096 // 4, 4),
+        (5, torch.bfloat16): (False, 8, 8192 // 64, 2),
+        (16, torch.bfloat16): (True, 8, 2048 // 16, 2),
+        (32, torch.float32): (True, 1, 2048 // 32, 2),  # not swept: the fallback
+    }
+    for (k, dtype), (use_dot, unroll, block, per_sm) in expected.items():
+        plan = gram_mod.plan_gram(k, 10**7, dtype)
+        assert (plan.use_dot, plan.unroll, plan.block) == (use_dot, unroll, block), (k, dtype)
+        assert plan == gram_mod.plan_gram(k, 10**7, dtype, programs_per_sm=per_sm)
+        assert plan.num_warps == (4 if use_dot else 8)
+    # An override still wins over the table.
+    assert gram_mod.plan_gram(2, 10**7, torch.float32, unroll=1).unroll == 1
     # The positional constructor of before still works (unroll defaults to 1).
     assert gram_mod.GramPlan(2, 4096, 8, False, 8).unroll == 1
 
@@ -161,9 +168,9 @@ def test_env_parsing(gram_mod, monkeypatch):
     # Keyword overrides apply on top of the environment.
     plan = gram_mod.plan_gram(2, 10**5, torch.float32, unroll=2, use_dot=True)
     assert (plan.unroll, plan.use_dot, plan.k_pad, plan.num_programs) == (2, True, 16, 4)
-    monkeypatch.setenv(ENV, "  ")
+    monkeypatch.setenv(ENV, "  ")  # blank: the tuned default (U = 4 for K = 2 fp32)
     assert gram_mod.plan_gram(2, 10**5, torch.float32) == gram_mod.plan_gram(
-        2, 10**5, torch.float32, unroll=1
+        2, 10**5, torch.float32, unroll=4
     )
 
 
