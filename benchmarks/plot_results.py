@@ -1,6 +1,6 @@
 """Plots of the benchmark CSVs, for looking instead of reading tables.
 
-Reads every ``bench_*.csv`` in a results folder (the CPU ones committed in
+Reads every ``bench_*.csv`` and ``tune_gram*.csv`` in a results folder (the CPU ones committed in
 benchmarks/results/, or a GPU session's copied there) and writes one PNG per CSV next to it
 (or into ``--out``):
 
@@ -10,7 +10,9 @@ benchmarks/results/, or a GPU session's copied there) and writes one PNG per CSV
   and, when the run had ``--compile``, the eager / compiled speed-up per method and K;
 * ``bench_kernels*.csv``: each op's share of the measured copy bandwidth against N, one panel
   per dtype, one line per provider and K;
-* ``bench_step*.csv``: each provider's step time relative to a plain step, with p20-p80.
+* ``bench_step*.csv``: each provider's step time relative to a plain step, with p20-p80;
+* ``tune_gram*.csv``: per dtype, the Gram pass's % of copy bandwidth for each (K, N) with the
+  plan that was the default during the sweep and with the sweep's fastest plan.
 
     python benchmarks/plot_results.py                       # benchmarks/results/*.csv
     python benchmarks/plot_results.py --results gpu_out --out benchmarks/results/plots
@@ -175,11 +177,48 @@ def plot_step(rows: list[dict], out: str) -> None:
     plt.close(fig)
 
 
+def plot_tune_gram(rows: list[dict], out: str) -> None:
+    """One panel per dtype: for each (K, N), the default plan's and the fastest plan's % of the
+    copy bandwidth, labelled with the fastest plan; the 85% target line."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("pct_of_copy", "") not in ("", None)]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.8), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        configs = sorted({(int(r["K"]), int(float(r["N"]))) for r in mine})
+        default, best, labels = [], [], []
+        for k, n in configs:
+            here = [r for r in mine if (int(r["K"]), int(float(r["N"]))) == (k, n)]
+            top = max(here, key=lambda r: _num(r["pct_of_copy"]))
+            dflt = [r for r in here if r["default"] in ("True", "true", "1")]
+            default.append(_num(dflt[0]["pct_of_copy"]) if dflt else math.nan)
+            best.append(_num(top["pct_of_copy"]))
+            labels.append(top["plan"].replace("programs_per_sm", "pps").replace(",", "\n"))
+        xs = range(len(configs))
+        ax.bar([x - 0.2 for x in xs], default, 0.4, label="default plan", color="tab:grey")
+        ax.bar([x + 0.2 for x in xs], best, 0.4, label="fastest plan", color="tab:green")
+        for x, y, label in zip(xs, best, labels):
+            ax.text(x + 0.2, y + 1, label, fontsize=5, ha="center", va="bottom")
+        ax.axhline(85, color="tab:red", linestyle="--", linewidth=1, label="target 85%")
+        ax.set_xticks(list(xs), [f"K={k}\nN={n:.0e}" for k, n in configs], fontsize=7)
+        ax.set_ylabel("% of copy bandwidth", fontsize=8)
+        ax.set_title(f"Gram pass plans, {dtype}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"tune_gram ({rows[0].get('device', '')}): the sweep's default plan against its "
+                 "fastest plan per (K, N)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 PLOTTERS = {
     "bench_aggregate": plot_aggregate,
     "bench_weights": plot_weights,
     "bench_kernels": plot_kernels,
     "bench_step": plot_step,
+    "tune_gram": plot_tune_gram,
 }
 
 
@@ -191,7 +230,8 @@ def plot_folder(results: str, out: str | None = None) -> list[str]:
     out = out or results
     os.makedirs(out, exist_ok=True)
     written = []
-    for path in sorted(glob.glob(os.path.join(results, "bench_*.csv"))):
+    paths = glob.glob(os.path.join(results, "bench_*.csv")) + glob.glob(os.path.join(results, "tune_gram*.csv"))
+    for path in sorted(paths):
         name = os.path.splitext(os.path.basename(path))[0]
         kind = next((k for k in PLOTTERS if name.startswith(k)), None)
         rows = _rows(path)

@@ -1,5 +1,5 @@
-"""benchmarks/plot_results.py: every kind of benchmark CSV becomes a PNG (the committed CPU and
-H100 results, with the H100 bench_kernels CSV replaced by a small synthetic one)."""
+"""benchmarks/plot_results.py: every kind of benchmark CSV becomes a PNG (the committed CPU,
+H100 and H200 results, with the H100 bench_kernels CSV replaced by a small synthetic one)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def test_every_benchmark_csv_becomes_a_png(tmp_path):
     (results / "bench_unknown.csv").write_text("a,b\n1,2\n")  # not a benchmark this script knows
     written = _plot_results().plot_folder(str(results), str(tmp_path / "plots"))
     names = sorted(Path(p).name for p in written)
-    csvs = sorted(p.stem + ".png" for p in results.glob("bench_*.csv") if p.name != "bench_unknown.csv")
+    found = [*results.glob("bench_*.csv"), *results.glob("tune_gram*.csv")]
+    csvs = sorted(p.stem + ".png" for p in found if p.name != "bench_unknown.csv")
+    assert "tune_gram_h200.png" in csvs  # the committed H200 sweep exercises its plotter
     assert names == csvs
     for p in written:
         data = Path(p).read_bytes()
