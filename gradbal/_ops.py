@@ -56,6 +56,19 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _triton_failed = False
 
 
+@functools.lru_cache(maxsize=8)
+def kernel_function(name: str):
+    """``gradbal.kernels.<name>`` (the K x K stage's kernels: ``jacobi_eigh``, ``min_norm``), or
+    None without Triton. Imported on first use: importing Triton is slow and optional."""
+    try:
+        from gradbal import kernels
+    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
+        return None
+    if not getattr(kernels, "AVAILABLE", False):
+        return None
+    return getattr(kernels, name, None)
+
+
 @functools.lru_cache(maxsize=1)
 def _triton_ops():
     """gradbal.kernels' (gram, combine, graddrop) or None when Triton or the kernels are

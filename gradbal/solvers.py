@@ -17,6 +17,12 @@ The central problem is the min-norm point of the convex hull of K vectors (MGDA,
 * Larger K uses a primal-dual interior-point method with a fixed number of Mehrotra steps
   to find the support, then a few primal-dual active-set rounds that solve the problem on
   it exactly; the best feasible point seen is returned.
+* On CUDA, for 3 <= K <= 32, one Triton launch replaces both (a primal active-set method in
+  registers, :mod:`gradbal.kernels.min_norm`): dozens to hundreds of kernel launches become
+  one. ``GRADBAL_BACKEND=torch`` keeps the torch ops; a kernel that fails to compile warns
+  once and the torch ops run from then on. Its answer differs from the torch ops' within
+  the 1e-9 (objective) they are both accurate to, except that of two equal gradients one
+  gets the weight the torch ops split between them (the same combined direction).
 
 On a CPU every small tensor op costs ~1-2 us whatever its size, and on a GPU each is a
 kernel launch: the solvers are written to keep the op count low (cached constant tensors,
@@ -33,6 +39,8 @@ import functools
 
 import torch
 from torch import Tensor
+
+from ._ops import env_backend, kernel_function, warn_kernel_failure
 
 __all__ = [
     "EXACT_MAX_K",
@@ -300,6 +308,37 @@ def _min_norm_large(gram: Tensor, iterations: int, rounds: int) -> Tensor:
     return best.squeeze(-2)
 
 
+# Set when the min-norm kernel failed (a GPU Triton cannot compile for): the torch solvers run
+# from then on, after one warning.
+_min_norm_kernel_failed = False
+# Largest K of the kernel (gradbal.kernels.min_norm.MAX_K; kept here so that choosing the
+# path imports no Triton).
+_MIN_NORM_KERNEL_MAX_K = 32
+
+
+def _use_min_norm_kernel(gram: Tensor) -> bool:
+    return (
+        gram.is_cuda
+        and 3 <= gram.shape[-1] <= _MIN_NORM_KERNEL_MAX_K  # K = 2: the closed form
+        and not _min_norm_kernel_failed
+        and env_backend() != "torch"
+        and kernel_function("min_norm") is not None
+    )
+
+
+def _min_norm_kernel(gram: Tensor) -> Tensor | None:
+    """The kernel's weights, or None after its first failure (warned once)."""
+    global _min_norm_kernel_failed
+    try:
+        g = gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
+        return kernel_function("min_norm")(g)
+    except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
+        _min_norm_kernel_failed = True
+        # _min_norm_kernel, min_norm_simplex: point at min_norm_simplex's caller
+        warn_kernel_failure("the Triton min-norm kernel", "the torch solvers", err, stacklevel=3)
+        return None
+
+
 def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     """Weights of the min-norm point of the convex hull of the vectors whose Gram is ``gram``.
 
@@ -311,12 +350,17 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     Returns:
         w [..., K] on the simplex minimising ``w^T G w``, finite for any finite input
         (rank-deficient, zero rows and zero matrices included). Exact (to rounding) for
-        K <= ``EXACT_MAX_K``.
+        K <= ``EXACT_MAX_K``. On CUDA with Triton and 3 <= K <= 32 (``iterations`` not given)
+        one kernel launch solves it (see the module docstring).
     """
     if gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"gram must be square in its last two dims, got {tuple(gram.shape)}")
     k = gram.shape[-1]
     out_dtype = gram.dtype
+    if iterations is None and _use_min_norm_kernel(gram):  # CUDA, 3 <= K <= 32
+        w = _min_norm_kernel(gram)
+        if w is not None:
+            return w if w.dtype == out_dtype else w.to(out_dtype)
     # (dtype checks in Python: a no-op ``.to`` still costs a dispatch in a 13-op K = 2 solve.)
     g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
     if k == 1:

@@ -38,7 +38,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._ops import env_backend, warn_kernel_failure
+from ._ops import env_backend, kernel_function, warn_kernel_failure
 from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
@@ -215,17 +215,9 @@ SYM_EIG_METHODS = ("auto", "eigh", "jacobi", "triton")
 _eig_kernel_failed = False
 
 
-@functools.lru_cache(maxsize=1)
 def _eig_kernel():
-    """``gradbal.kernels.jacobi_eigh``, or None without Triton (imported on first use, as
-    :mod:`gradbal._ops` does: importing Triton is slow and optional)."""
-    try:
-        from gradbal import kernels
-    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
-        return None
-    if not getattr(kernels, "AVAILABLE", False):
-        return None
-    return getattr(kernels, "jacobi_eigh", None)
+    """``gradbal.kernels.jacobi_eigh``, or None without Triton."""
+    return kernel_function("jacobi_eigh")
 
 
 def _eig_kernel_input(gram: Tensor) -> Tensor:

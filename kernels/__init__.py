@@ -13,22 +13,28 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   to the torch pass in ``gradbal._ops``.
 * :func:`jacobi_eigh` (:mod:`.eigh`): the K x K stage's symmetric eigendecomposition (batched,
   K <= 32) by cyclic Jacobi rotations in registers, one launch, sorted ascending.
+* :func:`min_norm` (:mod:`.min_norm`): the min-norm simplex weights of MGDA and MoKD (batched,
+  K <= 32) by a primal active-set method on a swept matrix in registers, one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
-:func:`jacobi_eigh`, for CUDA tensors when :data:`AVAILABLE`. This package
+:func:`jacobi_eigh` and ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm`, for CUDA
+tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
 """
 
 from __future__ import annotations
 
-__all__ = ["AVAILABLE", "combine", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh"]
+__all__ = [
+    "AVAILABLE", "combine", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh", "min_norm",
+]
 
 try:
     from .combine import combine
     from .eigh import jacobi_eigh
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
+    from .min_norm import min_norm
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
     if not (_err.name or "").startswith("triton"):
         raise
@@ -48,6 +54,9 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def jacobi_eigh(a, sweeps=None):
+        raise RuntimeError(_REASON)
+
+    def min_norm(gram, max_iter=None):
         raise RuntimeError(_REASON)
 
 else:

@@ -126,6 +126,20 @@ def variants():
             yield f"eigh {dt} K={k}", eigh._eigh_kernel, sig, {"K": k, "KP": kp}, \
                 {"num_warps": eigh._num_warps(kp)}
 
+    # The min-norm simplex solver (MGDA and MoKD for K >= 3 on CUDA): each padded K, fp64 and
+    # fp32 input, with the launch's REFINE and warps.
+    min_norm = importlib.import_module("gradbal.kernels.min_norm")
+    for k in [3, 5, 8, 16, 32]:
+        for dt in ["fp64", "fp32"]:
+            sig = {
+                "g_ptr": f"*{dt}", "stride_b": "i64", "stride_r": "i64", "stride_c": "i64",
+                "w_ptr": "*fp64", "max_iter": "i32", "K": "constexpr", "KP": "constexpr",
+                "REFINE": "constexpr",
+            }
+            consts = {"K": k, "KP": max(2, next_pow2(k)), "REFINE": min_norm.REFINE_STEPS}
+            yield f"min_norm {dt} K={k}", min_norm._min_norm_kernel, sig, consts, \
+                {"num_warps": 1 if k <= 16 else 4}
+
 
 def main() -> int:
     failed = 0

@@ -1,0 +1,276 @@
+"""The min-norm kernel (gradbal.kernels.min_norm) against independent references: the KKT
+conditions of ``min w^T g w`` on the simplex checked in numpy, scipy's SLSQP, and the torch
+solver ``gradbal.solvers.min_norm_simplex`` (exact support enumeration for K <= 8); its own
+torch reference (the same algorithm with Python control flow); its wrapper's checks; the
+dispatch from ``min_norm_simplex``. Under Triton's interpreter on CPU (about 0.05 s per
+iteration of a K = 16 problem there: the cases are batched and few), compiled on CUDA.
+
+``g = (G + G^T) / (2 max_i G_ii) + 1e-12 I`` is the problem both solvers state; objectives are
+compared on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from gradbal import solvers
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@pytest.fixture(scope="module")
+def mn_mod():
+    return importlib.import_module("gradbal.kernels.min_norm")
+
+
+def gram_case(kind: str, k: int, seed: int) -> np.ndarray:
+    """A [k, k] Gram matrix X X^T of the given kind (float64)."""
+    rng = np.random.default_rng(100 * seed + k + 7 * len(kind))
+    x = rng.standard_normal((k, 3 * k))
+    if kind == "random":
+        pass
+    elif kind == "conflicting":  # correlated rows with norms over 4 decades (real KD gradients)
+        x[1:] += 0.5 * x[:1]
+        x[1::2] -= 1.5 * x[:1]
+        x *= np.logspace(-2, 2, k)[:, None]
+    elif kind == "rank_deficient":
+        x = rng.standard_normal((k, max(1, k // 2)))
+    elif kind == "equal_rows":
+        x[-1] = x[0]
+    elif kind == "opposite_rows":
+        x[-1] = -x[0]
+    elif kind == "zero_row":
+        x[k // 2] = 0
+    elif kind == "mixed_norms":  # norms over 8 decades
+        x *= np.logspace(-4, 4, k)[rng.permutation(k)][:, None]
+    elif kind == "zero":
+        x[:] = 0
+    else:
+        raise ValueError(kind)
+    return x @ x.T
+
+
+WELL = ["random", "conflicting"]
+DEGENERATE = ["rank_deficient", "equal_rows", "opposite_rows", "zero_row", "mixed_norms", "zero"]
+
+
+def regularised(g: np.ndarray) -> np.ndarray:
+    top = np.diag(g).max()
+    return g / (top if top > 0 else 1.0) + 1e-12 * np.eye(g.shape[0])
+
+
+def check_kkt(g: np.ndarray, w: np.ndarray) -> None:
+    """w solves min w^T q w on the simplex, q = regularised(g): feasible, every multiplier
+    (q w)_i - obj >= 0 (to 1e-9 of the objective), and 0 where w_i > 0 (to 1e-6)."""
+    q = regularised(g)
+    assert np.all(np.isfinite(w)) and np.all(w >= 0), w
+    assert abs(w.sum() - 1) <= 1e-12, w.sum()
+    grad = q @ w
+    obj = w @ grad
+    assert np.all(grad >= obj - 1e-9 * obj - 1e-15), (grad - obj, obj)
+    support = w > 1e-9
+    assert np.all(np.abs(grad[support] - obj) <= 1e-6 * obj + 1e-15), (grad - obj, w)
+
+
+def torch_weights(g: np.ndarray) -> np.ndarray:
+    return solvers.min_norm_simplex(torch.tensor(g)).numpy()
+
+
+def _batch(device, mats) -> torch.Tensor:
+    return torch.tensor(np.stack(mats), dtype=torch.float64, device=device)
+
+
+# ------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("k", [3, 5, 8, 16])
+def test_matches_the_kkt_conditions_and_the_torch_solver(mn_mod, device, k):
+    seeds = 2 if k <= 8 else 1
+    mats = [gram_case(kind, k, s) for s in range(seeds) for kind in WELL + DEGENERATE]
+    w = mn_mod.min_norm(_batch(device, mats)).cpu().numpy()
+    for g, wk, kind in zip(mats, w, (WELL + DEGENERATE) * seeds):
+        check_kkt(g, wk)
+        wt = torch_weights(g)
+        q = regularised(g)
+        # Never a worse objective than the torch solver's (1e-9 relative + 1e-15).
+        assert wk @ q @ wk <= wt @ q @ wt * (1 + 1e-9) + 1e-15, kind
+        if kind in WELL:  # unique, well-conditioned minimiser: the weights agree
+            assert np.abs(wk - wt).max() <= 1e-7, (kind, wk, wt)
+        if kind == "zero":
+            assert np.allclose(wk, 1.0 / k, rtol=0, atol=1e-12)
+        if kind == "equal_rows":  # the pair's total weight is the torch solver's
+            assert abs((wk[0] + wk[-1]) - (wt[0] + wt[-1])) <= 1e-6
+            assert np.abs(wk[1:-1] - wt[1:-1]).max() <= 1e-6
+
+
+def test_agrees_with_scipy_slsqp(mn_mod, device):
+    """An independent solver: scipy's SLSQP on the same problem (well-conditioned, K <= 5)."""
+    mats = [gram_case("random", k, s) for k in (3, 4, 5) for s in range(2)]
+    for g in mats:
+        q = regularised(g)
+        k = g.shape[0]
+        res = scipy.optimize.minimize(
+            lambda w, q=q: w @ q @ w, np.full(k, 1.0 / k), jac=lambda w, q=q: 2 * q @ w, method="SLSQP",
+            bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+            options={"ftol": 1e-16, "maxiter": 500},
+        )
+        assert res.success, res.message
+        wk = mn_mod.min_norm(torch.tensor(g, device=device)).cpu().numpy()
+        assert np.abs(wk - res.x).max() <= 1e-5 * np.abs(res.x).max(), (wk, res.x)
+
+
+def test_same_steps_as_its_reference(mn_mod, device):
+    """The kernel against its own torch reference (same algorithm, Python control flow)."""
+    for k in (3, 6):
+        mats = [gram_case(kind, k, 0) for kind in WELL + ["zero_row", "opposite_rows"]]
+        w = mn_mod.min_norm(_batch(device, mats)).cpu()
+        for g, wk in zip(mats, w):
+            ref = mn_mod.min_norm_reference(torch.tensor(g))
+            assert (wk - ref).abs().max() <= 1e-10, (wk, ref)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    k=st.integers(3, 6),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(1e-6, 1e6),
+    rank=st.integers(1, 8),
+)
+def test_property_kkt_and_scale_invariance(mn_mod, k, seed, scale, rank):
+    """Any PSD Gram matrix: the KKT conditions hold, and scaling G leaves w unchanged."""
+    x = np.random.default_rng(seed).standard_normal((k, rank))
+    g = x @ x.T
+    w = mn_mod.min_norm(torch.tensor(np.stack([g, scale * g]))).numpy()
+    check_kkt(g, w[0])
+    check_kkt(scale * g, w[1])
+    q = regularised(g)
+    assert abs(w[0] @ q @ w[0] - w[1] @ q @ w[1]) <= 1e-9 * (w[0] @ q @ w[0]) + 1e-15
+
+
+# ------------------------------------------------------------------------- wrapper / kernel
+
+
+def test_batch_dims_strides_float32_and_full_write(mn_mod, device, monkeypatch):
+    mats = [gram_case("random", 4, s) for s in range(6)]
+    g = _batch(device, mats)
+    monkeypatch.setattr(mn_mod, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    w = mn_mod.min_norm(g)
+    assert torch.isfinite(w).all()
+    # Batch dims, a transposed (non-contiguous) view, float32 input: the same weights.
+    assert torch.equal(mn_mod.min_norm(g.reshape(2, 3, 4, 4)).reshape(6, 4), w)
+    assert torch.equal(mn_mod.min_norm(g.mT), w)  # G is symmetric, read with other strides
+    w32 = mn_mod.min_norm(g.float())
+    assert w32.dtype == torch.float64 and (w32 - w).abs().max() <= 1e-5
+    # Deterministic: the same bits twice.
+    assert torch.equal(mn_mod.min_norm(g).view(torch.int64), w.view(torch.int64))
+    assert mn_mod.min_norm(g[:0]).shape == (0, 4)
+
+
+def test_wrapper_errors(mn_mod, device):
+    g = torch.eye(4, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=r"\[\.\.\., K, K\]"):
+        mn_mod.min_norm(torch.ones(3, 4, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="K must be in"):
+        mn_mod.min_norm(torch.eye(33, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        mn_mod.min_norm(g.half())
+    with pytest.raises(ValueError, match="max_iter"):
+        mn_mod.min_norm(g, max_iter=-1)
+    # max_iter = 0: the best vertex (the smallest diagonal entry), still on the simplex.
+    g2 = torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64, device=device))
+    assert mn_mod.min_norm(g2, max_iter=0).cpu().tolist() == [0.0, 1.0, 0.0]
+
+
+def test_non_finite_entries_read_as_zero(mn_mod, device):
+    g = torch.tensor(gram_case("random", 4, 3), device=device)
+    bad = g.clone()
+    bad[0, 1] = bad[1, 0] = float("nan")
+    clean = g.clone()
+    clean[0, 1] = clean[1, 0] = 0.0
+    assert torch.equal(mn_mod.min_norm(bad), mn_mod.min_norm(clean))
+
+
+# ------------------------------------------------------------------------------- dispatch
+
+
+class _FakeCuda:
+    """Just the metadata _use_min_norm_kernel reads, of a CUDA tensor."""
+
+    is_cuda = True
+
+    def __init__(self, k):
+        self.shape = (k, k)
+
+
+def test_dispatch_choice_and_env_override(monkeypatch):
+    monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
+    monkeypatch.delenv("GRADBAL_BACKEND", raising=False)
+    assert solvers._use_min_norm_kernel(_FakeCuda(3))
+    assert solvers._use_min_norm_kernel(_FakeCuda(32))
+    assert not solvers._use_min_norm_kernel(_FakeCuda(2))  # the closed form
+    assert not solvers._use_min_norm_kernel(_FakeCuda(33))
+    assert not solvers._use_min_norm_kernel(torch.eye(4, dtype=torch.float64))  # CPU
+    monkeypatch.setenv("GRADBAL_BACKEND", "torch")
+    assert not solvers._use_min_norm_kernel(_FakeCuda(4))
+
+
+def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
+    """Through min_norm_simplex: the kernel's weights where it is chosen; a failing kernel
+    warns once and the torch solver answers, then and from then on."""
+    g = torch.tensor(gram_case("conflicting", 5, 1))
+    monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
+    monkeypatch.setattr(solvers, "_use_min_norm_kernel", lambda t: not solvers._min_norm_kernel_failed)
+    assert torch.equal(solvers.min_norm_simplex(g), mn_mod.min_norm(g))
+    assert solvers.min_norm_simplex(g.float()).dtype == torch.float32
+    calls = []
+
+    def broken(t):
+        calls.append(1)
+        raise RuntimeError("no sm_xx support")
+
+    monkeypatch.setattr(solvers, "kernel_function", lambda name: broken)
+    with pytest.warns(RuntimeWarning, match="min-norm kernel failed.*torch solvers"):
+        w = solvers.min_norm_simplex(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w2 = solvers.min_norm_simplex(g)
+    assert len(calls) == 1 and torch.equal(w, w2)
+    check_kkt(g.numpy(), w.numpy())
+
+
+# ------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_methods_use_the_kernel_without_host_sync():
+    """On CUDA, mgda / mokd weights at K = 3..16 come from the kernel (one launch), make no
+    host sync, and agree with the CPU solvers on well-conditioned Gram matrices."""
+    import gradbal
+    from gradbal import kernels
+
+    dev = torch.device("cuda")
+    for k in (3, 4, 8, 16):
+        g = torch.tensor(gram_case("conflicting", k, 2))
+        losses = torch.rand(k, dtype=torch.float64) + 0.5
+        for name in ("mgda", "mokd"):
+            m = gradbal.get_method(name)
+            ref = m.weights(g, losses)
+            g_dev, l_dev = g.to(dev), losses.to(dev)
+            m.weights(g_dev, l_dev)  # compiles
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                w = m.weights(g_dev, l_dev)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert (w.cpu() - ref).abs().max() <= 1e-7 * ref.abs().max(), (name, k)
+        assert torch.equal(solvers.min_norm_simplex(g.to(dev)), kernels.min_norm(g.to(dev)))
