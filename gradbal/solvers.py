@@ -317,8 +317,11 @@ _MIN_NORM_KERNEL_MAX_K = 32
 
 
 def _use_min_norm_kernel(gram: Tensor) -> bool:
+    # Not inside torch.compile (gradbal.compile_method): there the torch ops are what the
+    # compiler fuses, and the CUDA tests of compiled methods ran them.
     return (
         gram.is_cuda
+        and not torch.compiler.is_compiling()
         and 3 <= gram.shape[-1] <= _MIN_NORM_KERNEL_MAX_K  # K = 2: the closed form
         and not _min_norm_kernel_failed
         and env_backend() != "torch"

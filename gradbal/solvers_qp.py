@@ -227,8 +227,10 @@ def _eig_kernel_input(gram: Tensor) -> Tensor:
 
 
 def _use_eig_kernel(gram: Tensor) -> bool:
+    # Not inside torch.compile (gradbal.compile_method): the torch Jacobi ops fuse there.
     return (
         gram.is_cuda
+        and not torch.compiler.is_compiling()
         and 1 <= gram.shape[-1] <= 32  # the kernel's MAX_K
         and not _eig_kernel_failed
         and env_backend() != "torch"

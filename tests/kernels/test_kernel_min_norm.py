@@ -220,6 +220,10 @@ def test_dispatch_choice_and_env_override(monkeypatch):
     assert not solvers._use_min_norm_kernel(torch.eye(4, dtype=torch.float64))  # CPU
     monkeypatch.setenv("GRADBAL_BACKEND", "torch")
     assert not solvers._use_min_norm_kernel(_FakeCuda(4))
+    monkeypatch.delenv("GRADBAL_BACKEND")
+    # Inside torch.compile (compile_method) the torch ops run: the compiler fuses them.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not solvers._use_min_norm_kernel(_FakeCuda(4))
 
 
 def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
