@@ -552,6 +552,36 @@ def _dual_cone_ipm(q: Tensor, u: Tensor, iterations: int, rounds: int = DUAL_CON
     return cands.gather(-1, best).squeeze(-1)
 
 
+# Set when the dual-cone kernel failed (a GPU Triton cannot compile for): the torch solvers run
+# from then on, after one warning.
+_dual_cone_kernel_failed = False
+
+
+def _use_dual_cone_kernel(gram: Tensor) -> bool:
+    # Not inside torch.compile (gradbal.compile_method): the torch ops fuse there.
+    return (
+        gram.is_cuda
+        and not torch.compiler.is_compiling()
+        and 3 <= gram.shape[-1] <= 32  # the kernel's MAX_K; K = 2: the closed form
+        and not _dual_cone_kernel_failed
+        and env_backend() != "torch"
+        and kernel_function("dual_cone") is not None
+    )
+
+
+def _dual_cone_kernel(gram: Tensor, u: Tensor, reg: float, norm_eps: float) -> Tensor | None:
+    """The kernel's v [B, K], or None after its first failure (warned once)."""
+    global _dual_cone_kernel_failed
+    try:
+        g = gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
+        return kernel_function("dual_cone")(g, u, reg, norm_eps)
+    except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
+        _dual_cone_kernel_failed = True
+        # _dual_cone_kernel, project_dual_cone: point at project_dual_cone's caller
+        warn_kernel_failure("the Triton dual-cone kernel", "the torch solvers", err, stacklevel=3)
+        return None
+
+
 def project_dual_cone(
     gram: Tensor,
     u: Tensor,
@@ -577,12 +607,21 @@ def project_dual_cone(
             ``DUAL_CONE_STEPS`` = 9, followed by ``DUAL_CONE_ROUNDS`` = 6 exact active-set
             rounds; see :func:`_dual_cone_ipm` for how they were chosen).
 
+    On CUDA with Triton, for 3 <= K <= 32 and the default ``iterations``, one launch of
+    :func:`gradbal.kernels.dual_cone` (a primal active-set method in registers) solves every
+    row instead (``GRADBAL_BACKEND=torch`` keeps the torch ops; a kernel that fails warns once
+    and the torch ops run from then on).
+
     Returns:
         v [..., K] (float64), finite for any input.
     """
     k = gram.shape[-1]
     batch = u.shape[:-1]
     uu = (u if u.dtype == torch.float64 else u.to(torch.float64)).reshape(-1, k)
+    if iterations == DUAL_CONE_STEPS and _use_dual_cone_kernel(gram):  # CUDA, 3 <= K <= 32
+        v = _dual_cone_kernel(gram, uu, reg_eps + _RIDGE, norm_eps)
+        if v is not None:
+            return torch.maximum(v, uu).reshape(*batch, k)
     if k == 2:
         v = _dual_cone_2(gram, uu, reg_eps + _RIDGE, norm_eps)
     else:

@@ -15,10 +15,13 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   K <= 32) by cyclic Jacobi rotations in registers, one launch, sorted ascending.
 * :func:`min_norm` (:mod:`.min_norm`): the min-norm simplex weights of MGDA and MoKD (batched,
   K <= 32) by a primal active-set method on a swept matrix in registers, one launch.
+* :func:`dual_cone` (:mod:`.dual_cone`): UPGrad's and DualProj's projections onto the dual cone
+  (one program per projected vector, K <= 32), the same active-set machinery, one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
-:func:`jacobi_eigh` and ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm`, for CUDA
-tensors when :data:`AVAILABLE`. This package
+:func:`jacobi_eigh`, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
+``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, for CUDA tensors when
+:data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
 """
@@ -26,11 +29,13 @@ Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU ten
 from __future__ import annotations
 
 __all__ = [
-    "AVAILABLE", "combine", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh", "min_norm",
+    "AVAILABLE", "combine", "dual_cone", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh",
+    "min_norm",
 ]
 
 try:
     from .combine import combine
+    from .dual_cone import dual_cone
     from .eigh import jacobi_eigh
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
@@ -57,6 +62,9 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def min_norm(gram, max_iter=None):
+        raise RuntimeError(_REASON)
+
+    def dual_cone(gram, u, reg, norm_eps=0.0, max_iter=None):
         raise RuntimeError(_REASON)
 
 else:

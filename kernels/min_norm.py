@@ -66,6 +66,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import next_pow2
+from ._sweep import sweep_pivot, sweep_reference
 
 __all__ = ["MAX_K", "default_max_iter", "min_norm", "min_norm_reference"]
 
@@ -102,16 +103,6 @@ def default_max_iter(k: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _sweep(a: Tensor, p: int, sign: float) -> Tensor:
-    d = a[p, p]
-    row = a[p].clone()
-    out = a - torch.outer(row, row) / d
-    out[p, :] = sign * row / d
-    out[:, p] = sign * row / d
-    out[p, p] = -1.0 / d
-    return out
-
-
 def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
     """The kernel's algorithm on one [K, K] matrix with Python control flow (float64)."""
     k = gram.shape[-1]
@@ -125,7 +116,7 @@ def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
     a = dg.rsqrt()
     q = g * torch.outer(a, a)
     i0 = int(dg.argmin())
-    swept = _sweep(q, i0, 1.0)
+    swept = sweep_reference(q, i0, 1.0)
     in_s = torch.zeros(k, dtype=torch.bool, device=gram.device)
     in_s[i0] = True
     x = torch.zeros(k, dtype=torch.float64, device=gram.device)
@@ -143,13 +134,13 @@ def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
             j = int(viol.argmin())
             if not viol[j] < -TOL * obj:
                 break
-            swept, in_s[j] = _sweep(swept, j, 1.0), True
+            swept, in_s[j] = sweep_reference(swept, j, 1.0), True
         else:
             ratio = torch.where(in_s & (v <= 0), x / (x - v).clamp_min(1e-300), torch.inf)
             p = int(ratio.argmin())
             x = (x + ratio[p] * (v - x)).clamp_min(0)
             x[p] = 0
-            swept, in_s[p] = _sweep(swept, p, -1.0), False
+            swept, in_s[p] = sweep_reference(swept, p, -1.0), False
     w = a * x
     return w / w.sum()
 
@@ -157,21 +148,6 @@ def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # kernel
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _toggle(swept, p, sign, ii, jj, r):
-    """Sweep (sign = +1) or reverse-sweep (sign = -1) pivot p of the symmetric tile; p < 0
-    leaves it unchanged."""
-    row = tl.sum(tl.where(ii == p, swept, 0.0), axis=0)  # row p, indexed by column
-    d = tl.sum(tl.where(r == p, row, 0.0), axis=0)
-    d = tl.where(p >= 0, d, 1.0)
-    scaled = sign * row / d
-    out = swept - row[:, None] * row[None, :] / d
-    out = tl.where(ii == p, scaled[None, :], out)
-    out = tl.where(jj == p, scaled[:, None], out)
-    out = tl.where((ii == p) & (jj == p), -1.0 / d, out)
-    return tl.where(p >= 0, out, swept)
 
 
 @triton.jit
@@ -209,7 +185,7 @@ def _min_norm_kernel(
     q = g * a[:, None] * a[None, :]
     # Start: the best vertex (smallest g_ii; the first one on ties).
     i0 = tl.argmin(tl.where(live_r, dg, _INF), axis=0)
-    swept = _toggle(q, i0, 1.0, ii, jj, r)
+    swept = sweep_pivot(q, i0, 1.0, ii, jj, r)
     in_s = tl.where(r == i0, 1.0, 0.0)
     x = tl.where(r == i0, tl.sqrt(dg), 0.0)  # the vertex e_i0 / a_i0: a^T x = 1
     done = i0 < 0  # False, as a tensor the loop can carry
@@ -239,7 +215,7 @@ def _min_norm_kernel(
         x = tl.where(live, tl.where(feasible, v, stepped), x)
         p = tl.where(feasible, tl.where(add, j, -1), drop)
         p = tl.where(live, p, -1)
-        swept = _toggle(swept, p, tl.where(feasible, 1.0, -1.0), ii, jj, r)
+        swept = sweep_pivot(swept, p, tl.where(feasible, 1.0, -1.0), ii, jj, r)
         in_s = tl.where(r == p, 1.0 - in_s, in_s)
         done = done | (live & feasible & ~add)
     w = a * x

@@ -140,6 +140,20 @@ def variants():
             yield f"min_norm {dt} K={k}", min_norm._min_norm_kernel, sig, consts, \
                 {"num_warps": 1 if k <= 16 else 4}
 
+    # The dual-cone projections (UPGrad, DualProj for K >= 3 on CUDA): the same sizes.
+    dual_cone = importlib.import_module("gradbal.kernels.dual_cone")
+    for k in [3, 5, 8, 16, 32]:
+        for dt in ["fp64", "fp32"]:
+            sig = {
+                "g_ptr": f"*{dt}", "stride_r": "i64", "stride_c": "i64", "u_ptr": "*fp64",
+                "v_ptr": "*fp64", "reg_hi": "fp32", "reg_lo": "fp32", "eps_hi": "fp32",
+                "eps_lo": "fp32", "max_iter": "i32", "K": "constexpr", "KP": "constexpr",
+                "REFINE": "constexpr",
+            }
+            consts = {"K": k, "KP": max(2, next_pow2(k)), "REFINE": dual_cone.REFINE_STEPS}
+            yield f"dual_cone {dt} K={k}", dual_cone._dual_cone_kernel, sig, consts, \
+                {"num_warps": 1 if k <= 16 else 4}
+
 
 def main() -> int:
     failed = 0

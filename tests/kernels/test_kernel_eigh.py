@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from _small_k import FakeCuda
 
 import gradbal
 from gradbal import solvers_qp
@@ -284,28 +285,19 @@ def test_sym_eig_auto_keeps_lapack_on_cpu(monkeypatch):
     assert torch.equal(w, we) and torch.equal(v, ve)
 
 
-class _FakeCuda:
-    """Just the metadata _use_eig_kernel reads, of a CUDA tensor."""
-
-    is_cuda = True
-
-    def __init__(self, k):
-        self.shape = (k, k)
-
-
 def test_auto_choice_and_env_override(monkeypatch):
     monkeypatch.setattr(solvers_qp, "_eig_kernel_failed", False)
     monkeypatch.delenv("GRADBAL_BACKEND", raising=False)
-    assert solvers_qp._use_eig_kernel(_FakeCuda(4))
-    assert solvers_qp._use_eig_kernel(_FakeCuda(32))
-    assert not solvers_qp._use_eig_kernel(_FakeCuda(33))  # torch Jacobi above MAX_K
+    assert solvers_qp._use_eig_kernel(FakeCuda(4))
+    assert solvers_qp._use_eig_kernel(FakeCuda(32))
+    assert not solvers_qp._use_eig_kernel(FakeCuda(33))  # torch Jacobi above MAX_K
     monkeypatch.setenv("GRADBAL_BACKEND", "torch")
-    assert not solvers_qp._use_eig_kernel(_FakeCuda(4))
+    assert not solvers_qp._use_eig_kernel(FakeCuda(4))
     monkeypatch.setenv("GRADBAL_BACKEND", "triton")
-    assert solvers_qp._use_eig_kernel(_FakeCuda(4))
+    assert solvers_qp._use_eig_kernel(FakeCuda(4))
     monkeypatch.setenv("GRADBAL_BACKEND", "bogus")
     with pytest.raises(ValueError, match="GRADBAL_BACKEND"):
-        solvers_qp._use_eig_kernel(_FakeCuda(4))
+        solvers_qp._use_eig_kernel(FakeCuda(4))
 
 
 def test_kernel_failure_falls_back_once(monkeypatch):

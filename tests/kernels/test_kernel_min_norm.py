@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from _small_k import DEGENERATE, WELL, FakeCuda, gram_case
 
 from gradbal import solvers
 
@@ -29,37 +30,6 @@ from hypothesis import strategies as st
 @pytest.fixture(scope="module")
 def mn_mod():
     return importlib.import_module("gradbal.kernels.min_norm")
-
-
-def gram_case(kind: str, k: int, seed: int) -> np.ndarray:
-    """A [k, k] Gram matrix X X^T of the given kind (float64)."""
-    rng = np.random.default_rng(100 * seed + k + 7 * len(kind))
-    x = rng.standard_normal((k, 3 * k))
-    if kind == "random":
-        pass
-    elif kind == "conflicting":  # correlated rows with norms over 4 decades (real KD gradients)
-        x[1:] += 0.5 * x[:1]
-        x[1::2] -= 1.5 * x[:1]
-        x *= np.logspace(-2, 2, k)[:, None]
-    elif kind == "rank_deficient":
-        x = rng.standard_normal((k, max(1, k // 2)))
-    elif kind == "equal_rows":
-        x[-1] = x[0]
-    elif kind == "opposite_rows":
-        x[-1] = -x[0]
-    elif kind == "zero_row":
-        x[k // 2] = 0
-    elif kind == "mixed_norms":  # norms over 8 decades
-        x *= np.logspace(-4, 4, k)[rng.permutation(k)][:, None]
-    elif kind == "zero":
-        x[:] = 0
-    else:
-        raise ValueError(kind)
-    return x @ x.T
-
-
-WELL = ["random", "conflicting"]
-DEGENERATE = ["rank_deficient", "equal_rows", "opposite_rows", "zero_row", "mixed_norms", "zero"]
 
 
 def regularised(g: np.ndarray) -> np.ndarray:
@@ -201,29 +171,20 @@ def test_non_finite_entries_read_as_zero(mn_mod, device):
 # ------------------------------------------------------------------------------- dispatch
 
 
-class _FakeCuda:
-    """Just the metadata _use_min_norm_kernel reads, of a CUDA tensor."""
-
-    is_cuda = True
-
-    def __init__(self, k):
-        self.shape = (k, k)
-
-
 def test_dispatch_choice_and_env_override(monkeypatch):
     monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
     monkeypatch.delenv("GRADBAL_BACKEND", raising=False)
-    assert solvers._use_min_norm_kernel(_FakeCuda(3))
-    assert solvers._use_min_norm_kernel(_FakeCuda(32))
-    assert not solvers._use_min_norm_kernel(_FakeCuda(2))  # the closed form
-    assert not solvers._use_min_norm_kernel(_FakeCuda(33))
+    assert solvers._use_min_norm_kernel(FakeCuda(3))
+    assert solvers._use_min_norm_kernel(FakeCuda(32))
+    assert not solvers._use_min_norm_kernel(FakeCuda(2))  # the closed form
+    assert not solvers._use_min_norm_kernel(FakeCuda(33))
     assert not solvers._use_min_norm_kernel(torch.eye(4, dtype=torch.float64))  # CPU
     monkeypatch.setenv("GRADBAL_BACKEND", "torch")
-    assert not solvers._use_min_norm_kernel(_FakeCuda(4))
+    assert not solvers._use_min_norm_kernel(FakeCuda(4))
     monkeypatch.delenv("GRADBAL_BACKEND")
     # Inside torch.compile (compile_method) the torch ops run: the compiler fuses them.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not solvers._use_min_norm_kernel(_FakeCuda(4))
+    assert not solvers._use_min_norm_kernel(FakeCuda(4))
 
 
 def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):

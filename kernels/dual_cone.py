@@ -1,0 +1,248 @@
+"""Projections onto the dual cone of the gradients (UPGrad, DualProj), in one launch.
+
+UPGrad and DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization",
+2024, Proposition 1) project ``J^T u`` onto the dual cone ``{x : J x >= 0}`` of the K task
+gradients (the rows of J) by solving, for each vector u (UPGrad: the K rows of diag(1/K);
+DualProj: one)::
+
+    v = argmin_{v >= u}  v^T Q v,   Q = sym(G) / trace(G) + reg I
+
+(:func:`gradbal.solvers_qp.project_dual_cone` states it with TorchJD's normalisation and
+regularisation: ``reg = reg_eps + 1e-10``; with ``norm_eps > 0`` a G of trace below it counts
+as 0). On a GPU the torch solver is ~100-630 small ops, each a kernel launch (measured on an
+H200: UPGrad's K x K stage 0.3-0.8 ms eager at K = 2-8, 7.7 ms at K = 16; benchmarks/
+RESULTS.md). Here each program solves one u in registers, with no host synchronisation.
+
+Algorithm: a primal active-set method for the bound constraints (Lawson & Hanson's NNLS in
+Gram form) on ``z = v' - u' >= 0``, in the unit-diagonal variables ``v = D v'`` (``D =
+diag(Q)^(-1/2)``, ``u' = D^-1 u``, matrix ``D Q D``; without it, gradients of norms over four
+decades left the solution accurate to 2e-8 only). The free set F starts empty (v = u). Each iteration solves
+the problem with z fixed at 0 off F, ``Q_FF z_F = -(Q u)_F``, on the matrix kept swept on F
+(:mod:`._sweep`: ``z_F = A_FF (Q u)_F``), refined by ``REFINE_STEPS`` steps of iterative
+refinement against Q itself; if that z is > 0 on F it becomes the iterate and the index off F
+with the most negative multiplier ``(Q v)_i`` joins F (none below ``-TOL x sum|u|``:
+optimal, stop); otherwise the iterate moves towards it as far as z >= 0 allows and the
+index that reaches 0 leaves F. The objective never increases; at most ``max_iter`` (default
+4K + 8) iterations run, the later ones masked once it has converged. Q is positive definite
+(reg >= 1e-10 of a unit trace; TorchJD's default 1e-4 keeps its condition number below
+~1e4), so every solve is well posed.
+
+Non-finite entries of G are read as 0. Checked against the torch solver (exact support
+enumeration for K <= 8) in tests/kernels/test_kernel_dual_cone.py. (Not yet timed on a GPU.)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import next_pow2
+from ._sweep import sweep_pivot, sweep_reference
+
+__all__ = ["MAX_K", "default_max_iter", "dual_cone", "dual_cone_reference"]
+
+#: Largest K the one-program kernel takes.
+MAX_K = 32
+
+#: Gram dtypes the kernel reads (it computes in float64).
+SUPPORTED_DTYPES = (torch.float64, torch.float32)
+
+#: An index joins the free set only if its multiplier is below ``-TOL x sum|u|``.
+TOL = 1e-12
+#: Steps of iterative refinement of each solve on the free set.
+REFINE_STEPS = 2
+
+_TOL = tl.constexpr(TOL)
+_DBL_MAX = tl.constexpr(1.7976931348623157e308)
+_INF = tl.constexpr(float("inf"))
+_TINY = tl.constexpr(1e-300)
+
+# Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
+_alloc = torch.empty
+
+
+def default_max_iter(k: int) -> int:
+    """Iterations the kernel runs at most: 4K + 8."""
+    return 4 * k + 8
+
+
+def _regularised(gram: Tensor, reg: float, norm_eps: float) -> Tensor:
+    """Q of the module docstring (float64), as :func:`gradbal.solvers_qp.project_dual_cone`
+    forms it."""
+    g = gram.to(torch.float64)
+    g = torch.where(g.abs() <= torch.finfo(torch.float64).max, g, 0.0)
+    tr = torch.trace(g)
+    tr = tr if tr > 0 else torch.ones((), dtype=torch.float64, device=g.device)
+    q = (g + g.mT) * (0.5 / tr)
+    if norm_eps > 0 and not tr >= norm_eps:
+        q = torch.zeros_like(q)
+    return q + reg * torch.eye(g.shape[-1], dtype=torch.float64, device=g.device)
+
+
+def dual_cone_reference(
+    gram: Tensor, u: Tensor, reg: float, norm_eps: float = 0.0, max_iter: int | None = None
+) -> Tensor:
+    """The kernel's algorithm for one [K, K] G and one [K] u, with Python control flow."""
+    k = gram.shape[-1]
+    q0 = _regularised(gram, reg, norm_eps)
+    a = q0.diagonal().rsqrt()  # D: unit diagonal, v = D v'
+    q = q0 * torch.outer(a, a)
+    u0 = u.to(torch.float64)
+    u = u0 / a
+    tol = TOL * u.abs().sum()
+    qu = q @ u
+    swept = q.clone()
+    free = torch.zeros(k, dtype=torch.bool, device=q.device)
+    z = torch.zeros(k, dtype=torch.float64, device=q.device)
+    for _ in range(default_max_iter(k) if max_iter is None else max_iter):
+        y = (swept @ (qu * free)) * free
+        for _ in range(REFINE_STEPS):
+            y = y + (swept @ ((qu + q @ y) * free)) * free
+        if bool((y[free] > 0).all()):
+            z = y
+            lam = torch.where(free, torch.inf, qu + q @ y)
+            j = int(lam.argmin())
+            if not lam[j] < -tol:
+                break
+            swept, free[j] = sweep_reference(swept, j, 1.0), True
+        else:
+            ratio = torch.where(free & (y <= 0), z / (z - y).clamp_min(1e-300), torch.inf)
+            p = int(ratio.argmin())
+            z = (z + ratio[p] * (y - z)).clamp_min(0)
+            z[p] = 0
+            swept, free[p] = sweep_reference(swept, p, -1.0), False
+    return torch.maximum(a * (u + z), u0)
+
+
+@triton.jit
+def _dual_cone_kernel(
+    g_ptr,
+    stride_r,
+    stride_c,
+    u_ptr,
+    v_ptr,
+    reg_hi,
+    reg_lo,
+    eps_hi,
+    eps_lo,
+    max_iter,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    REFINE: tl.constexpr,
+):
+    """Program b: v[b] = argmin_{v >= u[b]} v^T Q v (u, v: [B, K] contiguous float64)."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, KP)
+    ii = r[:, None]
+    jj = r[None, :]
+    valid = (ii < K) & (jj < K)
+    live_r = r < K
+    x0 = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
+    x0t = tl.load(g_ptr + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
+    x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)
+    x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
+    tr = tl.sum(tl.sum(tl.where(ii == jj, x0, 0.0), axis=1), axis=0)
+    tr = tl.where(tr > 0, tr, 1.0)
+    # Float arguments arrive as fp32: each float64 parameter comes as an fp32 pair hi + lo.
+    reg = tl.cast(reg_hi, tl.float64) + tl.cast(reg_lo, tl.float64)
+    norm_eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
+    keep = (norm_eps <= 0) | (tr >= norm_eps)  # TorchJD's rule: G counts as 0 below norm_eps
+    q = tl.where(keep, (0.5 * x0 + 0.5 * x0t) / tr, 0.0)
+    q = q + tl.where((ii == jj) & valid, reg, 0.0)
+    # Unit diagonal, v = D v' (D = diag(Q)^(-1/2), finite: diag(Q) >= reg > 0): the pivots are
+    # then O(1) whatever the spread of gradient norms.
+    diag = tl.sum(tl.where(ii == jj, q, 0.0), axis=1)
+    a = tl.where(live_r, 1.0 / tl.sqrt(tl.where(live_r, diag, 1.0)), 0.0)
+    q = q * a[:, None] * a[None, :]
+    u0 = tl.load(u_ptr + pid.to(tl.int64) * K + r, mask=live_r, other=0.0)
+    u = u0 / tl.where(live_r, a, 1.0)
+    tol = _TOL * tl.sum(tl.abs(u), axis=0)
+    qu = tl.sum(q * u[None, :], axis=1)
+    swept = q
+    free = tl.zeros([KP], dtype=tl.float64)
+    z = tl.zeros([KP], dtype=tl.float64)
+    done = tl.sum(free, axis=0) < 0  # False, as a tensor the loop can carry
+    for _it in range(max_iter):
+        # z on F: Q_FF z_F = -(Q u)_F, i.e. z_F = A_FF (Q u)_F on the swept tile, refined.
+        y = tl.sum(swept * (qu * free)[None, :], axis=1) * free
+        for _r in tl.static_range(REFINE):
+            res = (qu + tl.sum(q * y[None, :], axis=1)) * free
+            y = y + tl.sum(swept * res[None, :], axis=1) * free
+        feasible = tl.min(tl.where(free > 0, y, 1.0), axis=0) > 0
+        # Multipliers of the bounds off F: (Q v)_i = (Q u + Q z)_i.
+        lam = qu + tl.sum(q * y[None, :], axis=1)
+        lam = tl.where((free == 0) & live_r, lam, _INF)
+        j = tl.argmin(lam, axis=0)
+        add = feasible & (tl.min(lam, axis=0) + tol < 0)
+        ratio = tl.where((free > 0) & (y <= 0), z / tl.maximum(z - y, _TINY), _INF)
+        drop = tl.argmin(ratio, axis=0)
+        t = tl.min(ratio, axis=0)
+        t = tl.where(t < _INF, t, 0.0)  # no candidate (y feasible): the step is unused
+        stepped = tl.where(r == drop, 0.0, tl.maximum(z + t * (y - z), 0.0))
+        live = ~done
+        z = tl.where(live, tl.where(feasible, y, stepped), z)
+        p = tl.where(feasible, tl.where(add, j, -1), drop)
+        p = tl.where(live, p, -1)
+        swept = sweep_pivot(swept, p, tl.where(feasible, 1.0, -1.0), ii, jj, r)
+        free = tl.where(r == p, 1.0 - free, free)
+        done = done | (live & feasible & ~add)
+    # max with u: the rescaling's rounding must not put v below its bound.
+    tl.store(v_ptr + pid.to(tl.int64) * K + r, tl.maximum(a * (u + z), u0), mask=live_r)
+
+
+INTERPRETED = "Interpreted" in type(_dual_cone_kernel).__name__
+
+
+def _fp32_pair(x: float) -> tuple[float, float]:
+    """``(hi, lo)``, both fp32 values, with ``hi + lo`` = x to ~2^-48 relative: Triton passes
+    Python floats to a kernel as fp32, which would round TorchJD's reg_eps = 1e-4 by 5e-9
+    relative and move the projection by ~1e-8."""
+    x = float(x)
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+def dual_cone(
+    gram: Tensor, u: Tensor, reg: float, norm_eps: float = 0.0, max_iter: int | None = None
+) -> Tensor:
+    """``v[b] = argmin_{v >= u[b]} v^T Q v`` (module docstring) for a [K, K] ``gram`` (float64
+    or float32, any strides) and ``u`` [B, K] (float64), as [B, K] float64, in one launch."""
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"dual_cone: gram must be [K, K], got {getattr(gram, 'shape', type(gram))}")
+    k = gram.shape[-1]
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"dual_cone: K must be in [1, {MAX_K}], got {k}")
+    if gram.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dual_cone: gram dtype must be one of {SUPPORTED_DTYPES}, got {gram.dtype}")
+    if not isinstance(u, Tensor) or u.dim() != 2 or u.shape[1] != k or u.dtype != torch.float64:
+        raise ValueError(f"dual_cone: u must be a float64 [B, {k}] tensor, got {getattr(u, 'shape', u)}")
+    if not INTERPRETED and not gram.is_cuda:
+        raise ValueError(
+            "dual_cone: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
+            "gradbal.kernels is imported); use gradbal.solvers_qp.project_dual_cone for CPU tensors"
+        )
+    if max_iter is None:
+        max_iter = default_max_iter(k)
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"dual_cone: max_iter must be an int >= 0, got {max_iter!r}")
+    u = u.contiguous()
+    b = u.shape[0]
+    v = _alloc((b, k), dtype=torch.float64, device=gram.device)
+    if b:
+        _dual_cone_kernel[(b,)](
+            gram,
+            gram.stride(0),
+            gram.stride(1),
+            u,
+            v,
+            *_fp32_pair(reg),
+            *_fp32_pair(norm_eps),
+            max_iter,
+            K=k,
+            KP=max(2, next_pow2(k)),
+            REFINE=REFINE_STEPS,
+            num_warps=1 if k <= 16 else 4,
+        )
+    return v

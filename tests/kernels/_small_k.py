@@ -1,0 +1,48 @@
+"""Shared by the K x K kernels' tests (test_kernel_min_norm, test_kernel_dual_cone,
+test_kernel_eigh): Gram matrices of the degenerate kinds the solvers must survive, and a
+stand-in for a CUDA tensor's metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def gram_case(kind: str, k: int, seed: int) -> np.ndarray:
+    """A [k, k] Gram matrix X X^T of the given kind (float64)."""
+    rng = np.random.default_rng(100 * seed + k + 7 * len(kind))
+    x = rng.standard_normal((k, 3 * k))
+    if kind == "random":
+        pass
+    elif kind == "conflicting":  # correlated rows with norms over 4 decades (real KD gradients)
+        x[1:] += 0.5 * x[:1]
+        x[1::2] -= 1.5 * x[:1]
+        x *= np.logspace(-2, 2, k)[:, None]
+    elif kind == "rank_deficient":
+        x = rng.standard_normal((k, max(1, k // 2)))
+    elif kind == "equal_rows":
+        x[-1] = x[0]
+    elif kind == "opposite_rows":
+        x[-1] = -x[0]
+    elif kind == "zero_row":
+        x[k // 2] = 0
+    elif kind == "mixed_norms":  # norms over 8 decades
+        x *= np.logspace(-4, 4, k)[rng.permutation(k)][:, None]
+    elif kind == "zero":
+        x[:] = 0
+    else:
+        raise ValueError(kind)
+    return x @ x.T
+
+
+WELL = ["random", "conflicting"]
+DEGENERATE = ["rank_deficient", "equal_rows", "opposite_rows", "zero_row", "mixed_norms", "zero"]
+
+
+class FakeCuda:
+    """Just the metadata the kernels' dispatch checks read (``is_cuda``, ``shape``) of a
+    CUDA [k, k] tensor."""
+
+    is_cuda = True
+
+    def __init__(self, k):
+        self.shape = (k, k)
