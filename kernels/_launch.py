@@ -10,7 +10,9 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "check_rows", "check_vector", "next_pow2", "num_programs"]
+__all__ = [
+    "SUPPORTED_DTYPES", "check_kxk", "check_rows", "check_vector", "next_pow2", "num_programs",
+]
 
 #: Element types of the gradient store the kernels read (they accumulate in fp32).
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,3 +75,34 @@ def check_vector(t: Tensor, n: int, what: str, dtypes, device, op: str) -> None:
         raise ValueError(f"{op}: {what} must be contiguous, got stride {t.stride(0)}")
     if t.device != device:
         raise ValueError(f"{op}: {what} is on {t.device}, rows on {device}")
+
+
+#: Largest K of the K x K stage's one-program kernels (eigh, min_norm, dual_cone): their
+#: [KP, KP] float64 tiles live in registers.
+KXK_MAX_K = 32
+#: Dtypes of the Gram matrices those kernels read (they compute in float64).
+KXK_DTYPES = (torch.float64, torch.float32)
+
+
+def check_kxk(
+    gram: Tensor, where: str, instead: str, interpreted: bool, batched: bool = True
+) -> int:
+    """K of a ``[..., K, K]`` (``[K, K]`` unless ``batched``) Gram matrix a K x K kernel can
+    read (1 <= K <= 32, float64 or float32, on CUDA unless ``interpreted``); ValueError or
+    TypeError naming the problem, and for a CPU tensor ``instead`` (the torch function)."""
+    square = isinstance(gram, Tensor) and gram.dim() >= 2 and gram.shape[-1] == gram.shape[-2]
+    if not square or (not batched and gram.dim() != 2):
+        shape = "[..., K, K]" if batched else "[K, K]"
+        raise ValueError(f"{where}: the matrix must be a {shape} tensor, got "
+                         f"{getattr(gram, 'shape', type(gram))}")
+    k = gram.shape[-1]
+    if not 1 <= k <= KXK_MAX_K:
+        raise ValueError(f"{where}: K must be in [1, {KXK_MAX_K}], got {k}")
+    if gram.dtype not in KXK_DTYPES:
+        raise TypeError(f"{where}: the matrix's dtype must be one of {KXK_DTYPES}, got {gram.dtype}")
+    if not interpreted and not gram.is_cuda:
+        raise ValueError(
+            f"{where}: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
+            f"gradbal.kernels is imported); use {instead} for CPU tensors"
+        )
+    return k

@@ -1,5 +1,6 @@
-"""Goodnight's SWEEP operator on a symmetric [KP, KP] tile in registers, shared by the K x K
-solvers' kernels (:mod:`.min_norm`, :mod:`.dual_cone`), and its torch reference.
+"""The machinery of the K x K solvers' kernels (:mod:`.min_norm`, :mod:`.dual_cone`): Goodnight's
+SWEEP operator on a symmetric [KP, KP] tile in registers (and its torch reference), and one
+step of the primal active-set method built on it.
 
 Sweeping pivot p of a symmetric A, with ``d = A_pp`` and r = row p (Beaton 1964; Goodnight,
 "A tutorial on the SWEEP operator", 1979)::
@@ -19,7 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sweep_pivot", "sweep_reference"]
+__all__ = ["active_set_step", "check_max_iter", "sweep_pivot", "sweep_reference"]
+
+_INF = tl.constexpr(float("inf"))
+_TINY = tl.constexpr(1e-300)
 
 
 @triton.jit
@@ -46,3 +50,43 @@ def sweep_reference(a: Tensor, p: int, sign: float) -> Tensor:
     out[:, p] = sign * row / d
     out[p, p] = -1.0 / d
     return out
+
+
+@triton.jit
+def active_set_step(swept, in_set, x, candidate, mult, slack, done, ii, jj, r):
+    """One iteration of a primal active-set method (Lawson & Hanson; Wolfe) on variables
+    ``x >= 0`` whose free set ``in_set`` (1.0 / 0.0 per lane) is kept swept in ``swept``.
+
+    ``candidate``: the minimiser with the variables off the set at 0 (0 off the set);
+    ``mult``: the multipliers of the variables off the set (+inf on the set and padded lanes);
+    ``slack``: how far below 0 a multiplier must be for its variable to join.
+    If the candidate is > 0 on the set it becomes x, and the variable of the most negative
+    multiplier joins the set (none below ``-slack``: optimal, ``done``); otherwise x moves
+    towards it as far as x >= 0 allows and the variable that reaches 0 leaves the set. Once
+    ``done``, nothing changes. Returns (swept, in_set, x, done)."""
+    feasible = tl.min(tl.where(in_set > 0, candidate, 1.0), axis=0) > 0
+    j = tl.argmin(mult, axis=0)
+    add = feasible & (tl.min(mult, axis=0) + slack < 0)
+    # Ratio test towards an infeasible candidate: the first variable of the set to reach 0.
+    ratio = tl.where((in_set > 0) & (candidate <= 0), x / tl.maximum(x - candidate, _TINY), _INF)
+    drop = tl.argmin(ratio, axis=0)
+    t = tl.min(ratio, axis=0)
+    t = tl.where(t < _INF, t, 0.0)  # no such variable (candidate feasible): the step is unused
+    stepped = tl.where(r == drop, 0.0, tl.maximum(x + t * (candidate - x), 0.0))
+    live = ~done
+    x = tl.where(live, tl.where(feasible, candidate, stepped), x)
+    p = tl.where(feasible, tl.where(add, j, -1), drop)
+    p = tl.where(live, p, -1)
+    swept = sweep_pivot(swept, p, tl.where(feasible, 1.0, -1.0), ii, jj, r)
+    in_set = tl.where(r == p, 1.0 - in_set, in_set)
+    return swept, in_set, x, done | (live & feasible & ~add)
+
+
+def check_max_iter(max_iter, k: int, where: str) -> int:
+    """The iteration cap: 4K + 8 by default (the min-norm kernel's stress set needed at most
+    33 at K = 16), else ``max_iter`` (ValueError unless an int >= 0)."""
+    if max_iter is None:
+        return 4 * k + 8
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"{where}: max_iter must be an int >= 0, got {max_iter!r}")
+    return max_iter

@@ -38,16 +38,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import next_pow2
-from ._sweep import sweep_pivot, sweep_reference
+from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
+from ._sweep import active_set_step, check_max_iter, sweep_reference
 
 __all__ = ["MAX_K", "default_max_iter", "dual_cone", "dual_cone_reference"]
 
 #: Largest K the one-program kernel takes.
-MAX_K = 32
+MAX_K = KXK_MAX_K
 
 #: Gram dtypes the kernel reads (it computes in float64).
-SUPPORTED_DTYPES = (torch.float64, torch.float32)
+SUPPORTED_DTYPES = KXK_DTYPES
 
 #: An index joins the free set only if its multiplier is below ``-TOL x sum|u|``.
 TOL = 1e-12
@@ -57,7 +57,6 @@ REFINE_STEPS = 2
 _TOL = tl.constexpr(TOL)
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)
 _INF = tl.constexpr(float("inf"))
-_TINY = tl.constexpr(1e-300)
 
 # Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
 _alloc = torch.empty
@@ -65,7 +64,7 @@ _alloc = torch.empty
 
 def default_max_iter(k: int) -> int:
     """Iterations the kernel runs at most: 4K + 8."""
-    return 4 * k + 8
+    return check_max_iter(None, k, "dual_cone")
 
 
 def _regularised(gram: Tensor, reg: float, norm_eps: float) -> Tensor:
@@ -170,24 +169,10 @@ def _dual_cone_kernel(
         for _r in tl.static_range(REFINE):
             res = (qu + tl.sum(q * y[None, :], axis=1)) * free
             y = y + tl.sum(swept * res[None, :], axis=1) * free
-        feasible = tl.min(tl.where(free > 0, y, 1.0), axis=0) > 0
         # Multipliers of the bounds off F: (Q v)_i = (Q u + Q z)_i.
         lam = qu + tl.sum(q * y[None, :], axis=1)
         lam = tl.where((free == 0) & live_r, lam, _INF)
-        j = tl.argmin(lam, axis=0)
-        add = feasible & (tl.min(lam, axis=0) + tol < 0)
-        ratio = tl.where((free > 0) & (y <= 0), z / tl.maximum(z - y, _TINY), _INF)
-        drop = tl.argmin(ratio, axis=0)
-        t = tl.min(ratio, axis=0)
-        t = tl.where(t < _INF, t, 0.0)  # no candidate (y feasible): the step is unused
-        stepped = tl.where(r == drop, 0.0, tl.maximum(z + t * (y - z), 0.0))
-        live = ~done
-        z = tl.where(live, tl.where(feasible, y, stepped), z)
-        p = tl.where(feasible, tl.where(add, j, -1), drop)
-        p = tl.where(live, p, -1)
-        swept = sweep_pivot(swept, p, tl.where(feasible, 1.0, -1.0), ii, jj, r)
-        free = tl.where(r == p, 1.0 - free, free)
-        done = done | (live & feasible & ~add)
+        swept, free, z, done = active_set_step(swept, free, z, y, lam, tol, done, ii, jj, r)
     # max with u: the rescaling's rounding must not put v below its bound.
     tl.store(v_ptr + pid.to(tl.int64) * K + r, tl.maximum(a * (u + z), u0), mask=live_r)
 
@@ -209,24 +194,12 @@ def dual_cone(
 ) -> Tensor:
     """``v[b] = argmin_{v >= u[b]} v^T Q v`` (module docstring) for a [K, K] ``gram`` (float64
     or float32, any strides) and ``u`` [B, K] (float64), as [B, K] float64, in one launch."""
-    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"dual_cone: gram must be [K, K], got {getattr(gram, 'shape', type(gram))}")
-    k = gram.shape[-1]
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"dual_cone: K must be in [1, {MAX_K}], got {k}")
-    if gram.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dual_cone: gram dtype must be one of {SUPPORTED_DTYPES}, got {gram.dtype}")
+    k = check_kxk(
+        gram, "dual_cone", "gradbal.solvers_qp.project_dual_cone", INTERPRETED, batched=False
+    )
     if not isinstance(u, Tensor) or u.dim() != 2 or u.shape[1] != k or u.dtype != torch.float64:
         raise ValueError(f"dual_cone: u must be a float64 [B, {k}] tensor, got {getattr(u, 'shape', u)}")
-    if not INTERPRETED and not gram.is_cuda:
-        raise ValueError(
-            "dual_cone: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
-            "gradbal.kernels is imported); use gradbal.solvers_qp.project_dual_cone for CPU tensors"
-        )
-    if max_iter is None:
-        max_iter = default_max_iter(k)
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"dual_cone: max_iter must be an int >= 0, got {max_iter!r}")
+    max_iter = check_max_iter(max_iter, k, "dual_cone")
     u = u.contiguous()
     b = u.shape[0]
     v = _alloc((b, k), dtype=torch.float64, device=gram.device)

@@ -57,15 +57,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import next_pow2
+from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
 
 __all__ = ["MAX_K", "default_sweeps", "eigh_reference", "jacobi_eigh"]
 
 #: Largest K the one-program kernel takes (the [KP, KP] tile and V live in registers).
-MAX_K = 32
+MAX_K = KXK_MAX_K
 
 #: Input dtypes the kernel reads (it computes in float64).
-SUPPORTED_DTYPES = (torch.float64, torch.float32)
+SUPPORTED_DTYPES = KXK_DTYPES
 
 # Entries below this (after the scaling to max |a| = 1) are flushed to 0 after each sweep.
 _FLUSH = tl.constexpr(1e-200)
@@ -263,20 +263,7 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
 
     ``sweeps``: cyclic Jacobi sweeps (default :func:`default_sweeps`).
     """
-    if not isinstance(a, Tensor) or a.dim() < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(
-            f"jacobi_eigh: a must be a [..., K, K] tensor, got {getattr(a, 'shape', type(a))}"
-        )
-    k = a.shape[-1]
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"jacobi_eigh: K must be in [1, {MAX_K}], got {k}")
-    if a.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"jacobi_eigh: a dtype must be one of {SUPPORTED_DTYPES}, got {a.dtype}")
-    if not INTERPRETED and not a.is_cuda:
-        raise ValueError(
-            "jacobi_eigh: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set "
-            "before gradbal.kernels is imported); use gradbal.solvers_qp.sym_eig for CPU tensors"
-        )
+    k = check_kxk(a, "jacobi_eigh", "gradbal.solvers_qp.sym_eig", INTERPRETED)
     if sweeps is None:
         sweeps = default_sweeps(k)
     elif isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:

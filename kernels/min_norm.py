@@ -29,14 +29,10 @@ S with the most negative KKT multiplier ``(q x)_i / a_i - obj`` joins S (none be
 allows and the index that reaches 0 leaves S. The objective never increases; at most
 ``max_iter`` (default 4K + 8) iterations run, the later ones masked once it has converged.
 
-``q_SS^-1`` is never formed from scratch: the matrix A is kept *swept* on S (Goodnight's SWEEP
-operator, Beaton 1964): sweeping pivot p, with ``d = A_pp`` and r = row p,
-
-    A_ij <- A_ij - r_i r_j / d (i, j != p),   A_pj = A_jp <- s r_j / d,   A_pp <- -1/d,
-
-with s = +1 adds p to S and s = -1 (the reverse sweep) removes it, exactly undoing the sweep.
-After sweeping S, ``A_SS = -q_SS^-1``, so each change of S is one rank-one update of the
-[KP, KP] tile (one row read by a reduction), and the solution is one masked product.
+``q_SS^-1`` is never formed from scratch: the matrix is kept *swept* on S (:mod:`._sweep`:
+``A_SS = -q_SS^-1``), so each change of S is one rank-one update of the [KP, KP] tile (one row
+read by a reduction) and the solution is one masked product; the step itself is
+:func:`._sweep.active_set_step`, shared with :mod:`.dual_cone`.
 Sweeps and reverse sweeps accumulate rounding, which on rank-deficient G (q_SS near-singular
 up to the ridge) left KKT multipliers wrong by up to 2e-6 of the objective; each solve is
 therefore followed by ``REFINE_STEPS`` = 2 steps of iterative refinement,
@@ -65,16 +61,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import next_pow2
-from ._sweep import sweep_pivot, sweep_reference
+from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
+from ._sweep import active_set_step, check_max_iter, sweep_pivot, sweep_reference
 
 __all__ = ["MAX_K", "default_max_iter", "min_norm", "min_norm_reference"]
 
 #: Largest K the one-program kernel takes (q and its swept copy live in registers).
-MAX_K = 32
+MAX_K = KXK_MAX_K
 
 #: Input dtypes the kernel reads (it computes in float64).
-SUPPORTED_DTYPES = (torch.float64, torch.float32)
+SUPPORTED_DTYPES = KXK_DTYPES
 
 #: The ridge of :func:`gradbal.solvers.min_norm_simplex`, relative to the largest diagonal.
 RIDGE = 1e-12
@@ -87,7 +83,6 @@ _RIDGE = tl.constexpr(RIDGE)
 _TOL = tl.constexpr(TOL)
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)
 _INF = tl.constexpr(float("inf"))
-_TINY = tl.constexpr(1e-300)
 
 # Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
 _alloc = torch.empty
@@ -95,7 +90,7 @@ _alloc = torch.empty
 
 def default_max_iter(k: int) -> int:
     """Iterations the kernel runs at most: 4K + 8 (measured need: 33 at K = 16, see above)."""
-    return 4 * k + 8
+    return check_max_iter(None, k, "min_norm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,26 +193,11 @@ def _min_norm_kernel(
             y = y - tl.sum(swept * res[None, :], axis=1) * in_s
         tot = tl.sum(a * y, axis=0)
         v = y / tot
-        feasible = tl.min(tl.where(in_s > 0, v, 1.0), axis=0) > 0
         obj = 1.0 / tot
         # KKT multipliers of the indices outside S (scaled back to g's units).
         grad = tl.sum(q * v[None, :], axis=1)
         viol = tl.where((in_s == 0) & live_r, grad / tl.where(live_r, a, 1.0) - obj, _INF)
-        j = tl.argmin(viol, axis=0)
-        add = feasible & (tl.min(viol, axis=0) + _TOL * obj < 0)
-        # Ratio test towards an infeasible v: the first index of S to reach 0.
-        ratio = tl.where((in_s > 0) & (v <= 0), x / tl.maximum(x - v, _TINY), _INF)
-        drop = tl.argmin(ratio, axis=0)
-        t = tl.min(ratio, axis=0)
-        t = tl.where(t < _INF, t, 0.0)  # no candidate (v feasible): the step is unused
-        stepped = tl.where(r == drop, 0.0, tl.maximum(x + t * (v - x), 0.0))
-        live = ~done
-        x = tl.where(live, tl.where(feasible, v, stepped), x)
-        p = tl.where(feasible, tl.where(add, j, -1), drop)
-        p = tl.where(live, p, -1)
-        swept = sweep_pivot(swept, p, tl.where(feasible, 1.0, -1.0), ii, jj, r)
-        in_s = tl.where(r == p, 1.0 - in_s, in_s)
-        done = done | (live & feasible & ~add)
+        swept, in_s, x, done = active_set_step(swept, in_s, x, v, viol, _TOL * obj, done, ii, jj, r)
     w = a * x
     w = w / tl.sum(w, axis=0)
     tl.store(w_ptr + pid.to(tl.int64) * K + r, w, mask=live_r)
@@ -237,24 +217,8 @@ def min_norm(gram: Tensor, max_iter: int | None = None) -> Tensor:
 
     ``max_iter``: active-set iterations at most (default :func:`default_max_iter`).
     """
-    if not isinstance(gram, Tensor) or gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
-        raise ValueError(
-            f"min_norm: gram must be a [..., K, K] tensor, got {getattr(gram, 'shape', type(gram))}"
-        )
-    k = gram.shape[-1]
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"min_norm: K must be in [1, {MAX_K}], got {k}")
-    if gram.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"min_norm: gram dtype must be one of {SUPPORTED_DTYPES}, got {gram.dtype}")
-    if not INTERPRETED and not gram.is_cuda:
-        raise ValueError(
-            "min_norm: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
-            "gradbal.kernels is imported); use gradbal.solvers.min_norm_simplex for CPU tensors"
-        )
-    if max_iter is None:
-        max_iter = default_max_iter(k)
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"min_norm: max_iter must be an int >= 0, got {max_iter!r}")
+    k = check_kxk(gram, "min_norm", "gradbal.solvers.min_norm_simplex", INTERPRETED)
+    max_iter = check_max_iter(max_iter, k, "min_norm")
     batch = gram.shape[:-2]
     flat = gram.reshape(-1, k, k)
     b = flat.shape[0]
