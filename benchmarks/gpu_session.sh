@@ -7,17 +7,22 @@
 #
 # Stages, each under its own timeout so that a hang in one still leaves the others' output.
 # STAGES (a space-separated list, default all, in this order of priority) picks some:
-#     STAGES="gpu_tests tune_gram" bash benchmarks/gpu_session.sh
-# All stages: about 12 minutes plus the install, more than one 10-minute call: pick, or let
+#     STAGES="gpu_tests_kernels tune_gram" bash benchmarks/gpu_session.sh
+# All stages: about 14 minutes plus the install, more than one 10-minute call: pick, or let
 # the last ones be cut (bench_weights and bench_aggregate write their CSVs row by row, so a
 # stage cut by its limit keeps what it measured). A warm machine is given back 30 s after a
-# call, so plan one call per session of 15 device-minutes. On 2026-11-26 (H100) gpu_tests
-# took more than 170 s and bench_step more than 65 s; see RESULTS.md. With tune_gram added to all
-# the others, 9 files would be written: at most 8 come back.
+# call, so plan one call per session of 15 device-minutes. On 2026-11-26 the whole GPU suite
+# took more than 240 s on a fresh H200 (76 tests in 240 s) and bench_step more than 65 s on
+# an H100; see RESULTS.md. With tune_gram added to all the others, 9 files would be written:
+# at most 8 come back.
 #   env             card, driver, torch/triton versions, date (UTC): what RESULTS.md must quote
-#   gpu_tests       pytest -m gpu over the whole suite (kernels against fp64,
-#                   bit determinism, no host sync under torch.cuda.set_sync_debug_mode("error"),
-#                   NCCL/FSDP against one process, compile_method's CUDA graphs)
+#   gpu_tests_kernels, gpu_tests_rest   pytest -m gpu over the whole suite in two stages, so
+#                   that neither cuts the other: tests/kernels (200 s: kernels against fp64, bit
+#                   determinism, no host sync under torch.cuda.set_sync_debug_mode("error")),
+#                   then everything else (240 s: the methods without host sync, NCCL/FSDP
+#                   against one process, compile_method's and graph_method's CUDA graphs)
+#   gpu_tests       the whole suite as one stage (not in the default): GPU_TESTS_S (default
+#                   240) is its limit in seconds, GPU_TEST_PATHS (default tests) what it runs
 #   bench_kernels   gram / combine / graddrop / whole steps: triton vs torch vs per-pair loop,
 #                   with the measured device-to-device copy bandwidth (issue 4's targets);
 #                   N = 1e8 as a stage of its own
@@ -30,8 +35,6 @@
 #   bench_step      a ResNet-18 K = 2 distillation step against plain training
 #   tune_gram       the Gram pass's plans swept (benchmarks/tune_gram.py), not in the default;
 #                   TUNE_GRAM_S (default 120) is its budget in seconds
-# GPU_TESTS_S (default 240) is the gpu_tests stage's limit in seconds; GPU_TEST_PATHS (default
-# tests) the test files it runs (the whole GPU suite took more than 240 s on an H200).
 # Every stage appends to $OUT/session.log, ending with a line "== <stage> rc=<exit status>";
 # files back from $OUT (at most 8): env.txt, session.log and the CSVs; when there are more
 # than six CSVs they are packed into one csvs.tar at the end (tar xf it here).
@@ -72,7 +75,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a timeout, append to $out/
     echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$out/session.log"
 }
 
-default="gpu_tests bench_kernels bench_step bench_weights_graphed bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
+default="gpu_tests_kernels gpu_tests_rest bench_kernels bench_step bench_weights_graphed bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
 stages=" ${STAGES:-$default} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 
@@ -80,6 +83,10 @@ want() { [[ "$stages" == *" $1 "* ]]; }
 # package) must not stop the GPU tests of every other module.
 want gpu_tests && stage gpu_tests ${GPU_TESTS_S:-240} "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
     --continue-on-collection-errors --timeout 120 --durations=20 ${GPU_TEST_PATHS:-tests}
+want gpu_tests_kernels && stage gpu_tests_kernels 200 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
+    --continue-on-collection-errors --timeout 120 --durations=10 tests/kernels
+want gpu_tests_rest && stage gpu_tests_rest 240 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
+    --continue-on-collection-errors --timeout 120 --durations=10 tests --ignore=tests/kernels
 # N = 1e6 and 1e7 first (the targets' sizes), then 1e8 apart: a timeout there keeps the rest.
 want bench_kernels && stage bench_kernels 95 "$py" benchmarks/bench_kernels.py --ks 2,4,8,16 \
     --ns 1e6,1e7 --dtypes fp32,bf16 --reps 15 --graph-calls 8 --csv "$out/bench_kernels_gpu.csv"
