@@ -79,7 +79,8 @@ class UPGrad(_DualConeMethod):
     Proposition 1, ``pi_C(J^T u) = J^T v`` with ``v = argmin_{v >= u} v^T G v``; so with
     ``u_i = p_i e_i``, ``w = sum_i v_i``. The K small QPs are solved together on the device
     (:func:`gradbal.solvers_qp.project_dual_cone`: exact for K <= 8, interior point + exact
-    active-set polish above).
+    active-set polish above; on CUDA for 3 <= K <= 32 one Triton launch,
+    :func:`gradbal.kernels.dual_cone`).
 
     Property: ``<g_j, d> >= 0`` for every j (no objective is made worse to first order),
     exactly when ``reg_eps = 0``; the default ridge lets ``<g_j, d>`` go below 0 by at most

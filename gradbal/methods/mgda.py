@@ -17,11 +17,12 @@ class MGDA(Method):
     the convex hull of the gradients. If ``d != 0`` it is a descent direction for every
     objective: ``<d, g_k> >= ||d||^2`` for all k (the KKT conditions), with equality wherever
     ``w_k > 0``. Solved on the device (closed form for K = 2, exact support enumeration up to
-    K = 8, interior point + exact active-set rounds above; see :mod:`gradbal.solvers`).
+    K = 8, interior point + exact active-set rounds above; on CUDA for 3 <= K <= 32 one Triton
+    launch, :func:`gradbal.kernels.min_norm`; see :mod:`gradbal.solvers`).
 
     Args:
         iterations: interior-point steps for K > 8 (default
-            ``gradbal.solvers.MIN_NORM_STEPS``).
+            ``gradbal.solvers.MIN_NORM_STEPS``; giving it keeps the torch solver on CUDA).
 
     Example:
         >>> import torch, gradbal
