@@ -24,6 +24,7 @@ __all__ = ["active_set_step", "check_max_iter", "sweep_pivot", "sweep_reference"
 
 _INF = tl.constexpr(float("inf"))
 _TINY = tl.constexpr(1e-300)
+_DBL_MAX = tl.constexpr(1.7976931348623157e308)
 
 
 @triton.jit
@@ -63,7 +64,12 @@ def active_set_step(swept, in_set, x, candidate, mult, slack, done, ii, jj, r):
     If the candidate is > 0 on the set it becomes x, and the variable of the most negative
     multiplier joins the set (none below ``-slack``: optimal, ``done``); otherwise x moves
     towards it as far as x >= 0 allows and the variable that reaches 0 leaves the set. Once
-    ``done``, nothing changes. Returns (swept, in_set, x, done)."""
+    ``done``, nothing changes. A candidate that is not finite (a breakdown of the rounding,
+    not seen in the tests) also ends the method, at the last x (which is feasible).
+    Returns (swept, in_set, x, done)."""
+    # |c| <= DBL_MAX is False exactly for inf and NaN.
+    finite = tl.max(tl.where(tl.abs(candidate) <= _DBL_MAX, 0.0, 1.0), axis=0) == 0
+    done = done | ~finite
     feasible = tl.min(tl.where(in_set > 0, candidate, 1.0), axis=0) > 0
     j = tl.argmin(mult, axis=0)
     add = feasible & (tl.min(mult, axis=0) + slack < 0)

@@ -86,7 +86,7 @@ def dual_cone_reference(
     """The kernel's algorithm for one [K, K] G and one [K] u, with Python control flow."""
     k = gram.shape[-1]
     q0 = _regularised(gram, reg, norm_eps)
-    a = q0.diagonal().rsqrt()  # D: unit diagonal, v = D v'
+    a = q0.diagonal().clamp_min(max(reg, 1e-300)).rsqrt()  # D: unit diagonal, v = D v'
     q = q0 * torch.outer(a, a)
     u0 = u.to(torch.float64)
     u = u0 / a
@@ -153,6 +153,8 @@ def _dual_cone_kernel(
     # Unit diagonal, v = D v' (D = diag(Q)^(-1/2), finite: diag(Q) >= reg > 0): the pivots are
     # then O(1) whatever the spread of gradient norms.
     diag = tl.sum(tl.where(ii == jj, q, 0.0), axis=1)
+    # (A diagonal below reg, from a G that is not a Gram matrix, is read as reg: D stays finite.)
+    diag = tl.maximum(diag, tl.maximum(reg, 1e-300))
     a = tl.where(live_r, 1.0 / tl.sqrt(tl.where(live_r, diag, 1.0)), 0.0)
     q = q * a[:, None] * a[None, :]
     u0 = tl.load(u_ptr + pid.to(tl.int64) * K + r, mask=live_r, other=0.0)

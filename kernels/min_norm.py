@@ -106,7 +106,8 @@ def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
     sym = 0.5 * x0 + 0.5 * x0.mT
     scale = sym.diagonal().max()
     scale = scale if scale > 0 else torch.ones((), dtype=torch.float64)
-    g = sym / scale + RIDGE * torch.eye(k, dtype=torch.float64, device=gram.device)
+    g = sym / scale
+    g.diagonal().clamp_(min=0).add_(RIDGE)
     dg = g.diagonal()
     a = dg.rsqrt()
     q = g * torch.outer(a, a)
@@ -174,9 +175,11 @@ def _min_norm_kernel(
     diag = tl.sum(tl.where(ii == jj, sym, 0.0), axis=1)
     scale = tl.max(tl.where(live_r, diag, 0.0), axis=0)
     scale = tl.where(scale > 0, scale, 1.0)
-    dg = tl.where(live_r, diag / scale + _RIDGE, 1.0)  # the diagonal of g
+    # The diagonal of g; a negative entry (not a Gram matrix: garbage in) is read as 0, so
+    # that D stays finite.
+    dg = tl.where(live_r, tl.maximum(diag / scale, 0.0) + _RIDGE, 1.0)
     a = tl.where(live_r, 1.0 / tl.sqrt(dg), 0.0)  # D; 0 on padded lanes, which never join S
-    g = sym / scale + tl.where((ii == jj) & valid, _RIDGE, 0.0)
+    g = tl.where(ii == jj, dg[:, None], sym / scale)
     q = g * a[:, None] * a[None, :]
     # Start: the best vertex (smallest g_ii; the first one on ties).
     i0 = tl.argmin(tl.where(live_r, dg, _INF), axis=0)

@@ -117,6 +117,12 @@ def test_wrapper_errors_strides_and_full_write(dc_mod, device, monkeypatch):
     with pytest.raises(ValueError, match="max_iter"):
         dc_mod.dual_cone(g, u, REG, max_iter=-2)
     assert torch.equal(dc_mod.dual_cone(g, u, REG, max_iter=0), u)  # the start: v = u
+    # Garbage in (indefinite, negative diagonal): never NaN, never below u.
+    bad = torch.tensor([[1.0, 3.0, 3.0], [3.0, -1.0, 3.0], [3.0, 3.0, 1.0]],
+                       dtype=torch.float64, device=device)  # fmt: skip
+    u3 = torch.eye(3, dtype=torch.float64, device=device) / 3
+    v = dc_mod.dual_cone(bad, u3, REG)
+    assert torch.isfinite(v).all() and (v >= u3).all()
 
 
 def test_dispatch(monkeypatch, dc_mod):

@@ -159,6 +159,19 @@ def test_wrapper_errors(mn_mod, device):
     assert mn_mod.min_norm(g2, max_iter=0).cpu().tolist() == [0.0, 1.0, 0.0]
 
 
+def test_not_a_gram_matrix_gives_a_finite_point_of_the_simplex(mn_mod, device):
+    """Garbage in (indefinite, a negative diagonal entry): never NaN, always on the simplex."""
+    bad = torch.tensor(
+        [[[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, -1.0]],
+         [[1.0, 3.0, 3.0], [3.0, 1.0, 3.0], [3.0, 3.0, 1.0]],
+         [[-1.0, 0.0, 0.0], [0.0, -2.0, 0.0], [0.0, 0.0, -3.0]]],
+        dtype=torch.float64, device=device,
+    )  # fmt: skip
+    w = mn_mod.min_norm(bad)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones(3, dtype=torch.float64, device=device))
+
+
 def test_non_finite_entries_read_as_zero(mn_mod, device):
     g = torch.tensor(gram_case("random", 4, 3), device=device)
     bad = g.clone()
