@@ -149,7 +149,7 @@ DEFAULTS = {
     "gram_params": None, "amp": None, "workers": 4, "seed": 0, "log_every": 20,
     "output_dir": None, "teacher_ckpt": None, "teacher_pretrained": None,
     "teacher_dtype": None, "resume": None, "stop_after_epochs": None, "eval_batch_size": None,
-    "tensorboard": True, "progress": True, "compile_method": False,
+    "tensorboard": True, "progress": True, "compile_method": False, "graph_method": False,
 }  # fmt: skip
 
 EXTRA_METHODS = ("scratch",)
@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the method's K x K stage through gradbal.compile_method (torch.compile; a "
         "CUDA graph on GPU): pays for long runs at K >= 4 or with many-op methods",
     )
+    a(
+        "--graph-method",
+        type=_bool,
+        help="replay the method's K x K stage from a CUDA graph (gradbal.graph_method; no "
+        "compile time; methods with no state and no random draws; the plain method on CPU)",
+    )
     return p  # fmt: skip
 
 
@@ -289,9 +295,16 @@ def resolve_config(argv=None) -> dict:
         )
     if method != "scratch":
         try:  # options are checked now, not after the data has loaded
-            gradbal.get_method(method, **cfg["method_options"])
+            checked = gradbal.get_method(method, **cfg["method_options"])
         except (TypeError, ValueError) as e:
             raise ConfigError(f"method {method!r}: {e}") from None
+        if cfg["graph_method"] and cfg["compile_method"]:
+            raise ConfigError("pass --graph-method or --compile-method, not both")
+        if cfg["graph_method"]:
+            try:
+                gradbal.graph_method(checked)
+            except ValueError as e:  # stateful or random: names compile_method instead
+                raise ConfigError(f"--graph-method: {e} (--compile-method true)") from None
     if cfg["dataset"] in ("imagefolder", "cifar100") and not cfg["data_path"]:
         raise ConfigError(f"dataset {cfg['dataset']!r} needs --data-path")
     if cfg["output_dir"] is None:
@@ -908,6 +921,8 @@ def train(cfg: dict, rank: int, world: int, device: torch.device) -> dict:
         extra = {} if cfg["gram_params"] is None else {"gram_params": cfg["gram_params"]}
         if cfg["compile_method"]:
             balancer = gradbal.compile_method(balancer)
+        elif cfg["graph_method"]:
+            balancer = gradbal.graph_method(balancer)
         opt = gradbal.MultiObjectiveOptimizer(
             base,
             method=balancer,

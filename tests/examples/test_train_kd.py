@@ -115,6 +115,20 @@ def test_compiled_method_one_epoch(tk, data, teacher_ckpt, tmp_path):
         torch.testing.assert_close(runs["true"][name], eager, rtol=1e-5, atol=1e-6)
 
 
+def test_graph_method_one_epoch(tk, data, teacher_ckpt, tmp_path):
+    """--graph-method true: recorded in the config; on the CPU graph_method is the plain
+    method, so the run's weights are the eager run's, bit for bit."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        extra = ["--method", "upgrad", "--epochs", "1", "--graph-method", flag]
+        assert tk.main(base_args(data, teacher_ckpt, out, *extra))["finished"]
+        assert json.loads((out / "config.json").read_text())["graph_method"] == (flag == "true")
+        runs[flag] = torch.load(out / "student_final.pth", weights_only=True)
+    for name, eager in runs["false"].items():
+        assert torch.equal(runs["true"][name], eager), name
+
+
 def test_scratch_trains_a_teacher(tk, data, teacher_ckpt, tmp_path):
     """--method scratch (the same train_step, CE alone, the plain optimizer): no teacher is
     needed, no KD column or diagnostics are written, and its student is a usable teacher."""
@@ -317,6 +331,8 @@ def test_clear_errors(tk, data, teacher_ckpt, tmp_path):
     expect(ok + ["--repeated-aug", "0"], "--repeated-aug must be >= 1")
     expect(ok + ["--mixup", "-1"], "--mixup must be >= 0")
     expect(ok + ["--label-smoothing", "1"], "--label-smoothing below 1")
+    expect(ok + ["--method", "pcgrad", "--graph-method", "true"], "draws from the generator.*compile")
+    expect(ok + ["--graph-method", "true", "--compile-method", "true"], "not both")
 
 
 def test_recipes_resolve_and_flags_override(tk):
