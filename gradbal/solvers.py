@@ -316,28 +316,32 @@ _min_norm_kernel_failed = False
 _MIN_NORM_KERNEL_MAX_K = 32
 
 
-def _use_min_norm_kernel(gram: Tensor) -> bool:
+def _use_min_norm_kernel(gram: Tensor, k_min: int = 3) -> bool:
+    """Whether the min-norm kernels (``min_norm``; MoKD's ``mokd_weights`` with ``k_min=2``)
+    run for ``gram``: CUDA, ``k_min <= K <= 32`` (K = 2 of min_norm_simplex: the closed form),
+    not forced to torch, not failed before."""
     # Not inside torch.compile (gradbal.compile_method): there the torch ops are what the
     # compiler fuses, and the CUDA tests of compiled methods ran them.
     return (
         gram.is_cuda
         and not torch.compiler.is_compiling()
-        and 3 <= gram.shape[-1] <= _MIN_NORM_KERNEL_MAX_K  # K = 2: the closed form
+        and k_min <= gram.shape[-1] <= _MIN_NORM_KERNEL_MAX_K
         and not _min_norm_kernel_failed
         and env_backend() != "torch"
         and kernel_function("min_norm") is not None
     )
 
 
-def _min_norm_kernel(gram: Tensor) -> Tensor | None:
-    """The kernel's weights, or None after its first failure (warned once)."""
+def _run_min_norm_kernel(name: str, gram: Tensor, *args, **kwargs) -> Tensor | None:
+    """``gradbal.kernels.<name>(gram, *args, **kwargs)``, or None after the first failure of a
+    min-norm kernel (warned once; the torch ops run from then on)."""
     global _min_norm_kernel_failed
     try:
         g = gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
-        return kernel_function("min_norm")(g)
+        return kernel_function(name)(g, *args, **kwargs)
     except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
         _min_norm_kernel_failed = True
-        # _min_norm_kernel, min_norm_simplex: point at min_norm_simplex's caller
+        # _run_min_norm_kernel, its caller: point at the caller's caller
         warn_kernel_failure("the Triton min-norm kernel", "the torch solvers", err, stacklevel=3)
         return None
 
@@ -361,7 +365,7 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     k = gram.shape[-1]
     out_dtype = gram.dtype
     if iterations is None and _use_min_norm_kernel(gram):  # CUDA, 3 <= K <= 32
-        w = _min_norm_kernel(gram)
+        w = _run_min_norm_kernel("min_norm", gram)
         if w is not None:
             return w if w.dtype == out_dtype else w.to(out_dtype)
     # (dtype checks in Python: a no-op ``.to`` still costs a dispatch in a 13-op K = 2 solve.)

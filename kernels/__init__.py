@@ -14,14 +14,15 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
 * :func:`jacobi_eigh` (:mod:`.eigh`): the K x K stage's symmetric eigendecomposition (batched,
   K <= 32) by cyclic Jacobi rotations in registers, one launch, sorted ascending.
 * :func:`min_norm` (:mod:`.min_norm`): the min-norm simplex weights of MGDA and MoKD (batched,
-  K <= 32) by a primal active-set method on a swept matrix in registers, one launch.
+  K <= 32) by a primal active-set method on a swept matrix in registers, one launch;
+  :func:`mokd_weights` fuses MoKD's loss scaling, magnitude and clipping around it.
 * :func:`dual_cone` (:mod:`.dual_cone`): UPGrad's and DualProj's projections onto the dual cone
   (one program per projected vector, K <= 32), the same active-set machinery, one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
 :func:`jacobi_eigh`, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
-``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, for CUDA tensors when
-:data:`AVAILABLE`. This package
+``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone` and ``gradbal.methods.MoKD`` to
+:func:`mokd_weights`, for CUDA tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 __all__ = [
     "AVAILABLE", "combine", "dual_cone", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh",
-    "min_norm",
+    "min_norm", "mokd_weights",
 ]
 
 try:
@@ -39,7 +40,7 @@ try:
     from .eigh import jacobi_eigh
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
-    from .min_norm import min_norm
+    from .min_norm import min_norm, mokd_weights
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
     if not (_err.name or "").startswith("triton"):
         raise
@@ -65,6 +66,10 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def dual_cone(gram, u, reg, norm_eps=0.0, max_iter=None):
+        raise RuntimeError(_REASON)
+
+    def mokd_weights(gram, losses, log_scale=True, loss_floor=1e-6, mean_loss=True,
+                     max_norm=None, max_iter=None):
         raise RuntimeError(_REASON)
 
 else:

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
-from ._sweep import active_set_step, check_max_iter, sweep_reference
+from ._sweep import active_set_step, check_max_iter, fp32_pair, sweep_reference
 
 __all__ = ["MAX_K", "default_max_iter", "dual_cone", "dual_cone_reference"]
 
@@ -182,16 +182,6 @@ def _dual_cone_kernel(
 INTERPRETED = "Interpreted" in type(_dual_cone_kernel).__name__
 
 
-def _fp32_pair(x: float) -> tuple[float, float]:
-    """``(hi, lo)``, both fp32 values, with ``hi + lo`` = x to ~2^-48 relative: Triton passes
-    Python floats to a kernel as fp32, which rounds UPGrad's default reg (1e-4 + 1e-10) by
-    7e-9 relative: measured on a 3 x 3 case, that moved v by up to 7e-9 from the torch solver's
-    (1e-19 with the pair)."""
-    x = float(x)
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
-
-
 def dual_cone(
     gram: Tensor, u: Tensor, reg: float, norm_eps: float = 0.0, max_iter: int | None = None
 ) -> Tensor:
@@ -213,8 +203,8 @@ def dual_cone(
             gram.stride(1),
             u,
             v,
-            *_fp32_pair(reg),
-            *_fp32_pair(norm_eps),
+            *fp32_pair(reg),
+            *fp32_pair(norm_eps),
             max_iter,
             K=k,
             KP=max(2, next_pow2(k)),

@@ -62,9 +62,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
-from ._sweep import active_set_step, check_max_iter, sweep_pivot, sweep_reference
+from ._sweep import active_set_step, check_max_iter, fp32_pair, sweep_pivot, sweep_reference
 
-__all__ = ["MAX_K", "default_max_iter", "min_norm", "min_norm_reference"]
+__all__ = ["MAX_K", "default_max_iter", "min_norm", "min_norm_reference", "mokd_weights"]
 
 #: Largest K the one-program kernel takes (q and its swept copy live in registers).
 MAX_K = KXK_MAX_K
@@ -147,31 +147,23 @@ def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
 
 
 @triton.jit
-def _min_norm_kernel(
-    g_ptr,
-    stride_b,
-    stride_r,
-    stride_c,
-    w_ptr,
-    max_iter,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    REFINE: tl.constexpr,
-):
-    """Program b: the min-norm weights of g[b] -> w[b, :K] (contiguous, float64)."""
-    pid = tl.program_id(0)
-    r = tl.arange(0, KP)
-    ii = r[:, None]
-    jj = r[None, :]
-    valid = (ii < K) & (jj < K)
-    live_r = r < K
-    src = g_ptr + pid.to(tl.int64) * stride_b
-    # G and G^T from the same buffer (any strides): the symmetrised matrix is exactly symmetric.
+def _load_sym(src, stride_r, stride_c, ii, jj, valid):
+    """(G + G^T) / 2 of the [K, K] matrix at ``src`` (any strides) as a float64 [KP, KP] tile,
+    0 outside K x K; non-finite entries read as 0. G and G^T come from the same buffer, so the
+    tile is exactly symmetric."""
     x0 = tl.load(src + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
     x0t = tl.load(src + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
     x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)
     x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
-    sym = 0.5 * x0 + 0.5 * x0t
+    return 0.5 * x0 + 0.5 * x0t
+
+
+@triton.jit
+def _simplex_weights(sym, max_iter, ii, jj, r, K: tl.constexpr, REFINE: tl.constexpr):
+    """The min-norm simplex weights of the symmetric tile ``sym`` (float64 [KP], 0 on padded
+    lanes): the algorithm of the module docstring."""
+    live_r = r < K
+    valid = (ii < K) & (jj < K)
     diag = tl.sum(tl.where(ii == jj, sym, 0.0), axis=1)
     scale = tl.max(tl.where(live_r, diag, 0.0), axis=0)
     scale = tl.where(scale > 0, scale, 1.0)
@@ -179,7 +171,7 @@ def _min_norm_kernel(
     # that D stays finite.
     dg = tl.where(live_r, tl.maximum(diag / scale, 0.0) + _RIDGE, 1.0)
     a = tl.where(live_r, 1.0 / tl.sqrt(dg), 0.0)  # D; 0 on padded lanes, which never join S
-    g = tl.where(ii == jj, dg[:, None], sym / scale)
+    g = tl.where(ii == jj, dg[:, None], tl.where(valid, sym / scale, 0.0))
     q = g * a[:, None] * a[None, :]
     # Start: the best vertex (smallest g_ii; the first one on ties).
     i0 = tl.argmin(tl.where(live_r, dg, _INF), axis=0)
@@ -202,8 +194,77 @@ def _min_norm_kernel(
         viol = tl.where((in_s == 0) & live_r, grad / tl.where(live_r, a, 1.0) - obj, _INF)
         swept, in_s, x, done = active_set_step(swept, in_s, x, v, viol, _TOL * obj, done, ii, jj, r)
     w = a * x
-    w = w / tl.sum(w, axis=0)
-    tl.store(w_ptr + pid.to(tl.int64) * K + r, w, mask=live_r)
+    return w / tl.sum(w, axis=0)
+
+
+@triton.jit
+def _min_norm_kernel(
+    g_ptr,
+    stride_b,
+    stride_r,
+    stride_c,
+    w_ptr,
+    max_iter,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    REFINE: tl.constexpr,
+):
+    """Program b: the min-norm weights of g[b] -> w[b, :K] (contiguous, float64)."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, KP)
+    ii = r[:, None]
+    jj = r[None, :]
+    sym = _load_sym(g_ptr + pid.to(tl.int64) * stride_b, stride_r, stride_c, ii, jj,
+                    (ii < K) & (jj < K))  # fmt: skip
+    w = _simplex_weights(sym, max_iter, ii, jj, r, K, REFINE)
+    tl.store(w_ptr + pid.to(tl.int64) * K + r, w, mask=r < K)
+
+
+@triton.jit
+def _mokd_kernel(
+    g_ptr,
+    stride_r,
+    stride_c,
+    l_ptr,
+    w_ptr,
+    floor_hi,
+    floor_lo,
+    max_norm_hi,
+    max_norm_lo,
+    max_iter,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    REFINE: tl.constexpr,
+    LOG_SCALE: tl.constexpr,
+    MEAN_LOSS: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    """MoKD's whole K x K stage (gradbal.methods.MoKD.weights) for one [K, K] G and losses [K]:
+    ``l = max(losses, floor)``, the min-norm weights pi of ``G / (l l^T)`` (or of G without log
+    scaling), ``w = pi / l``, times ``mean(l)`` for the mean-loss magnitude, and clipped to
+    ``||sum_k w_k g_k|| <= max_norm``."""
+    r = tl.arange(0, KP)
+    ii = r[:, None]
+    jj = r[None, :]
+    live_r = r < K
+    sym = _load_sym(g_ptr, stride_r, stride_c, ii, jj, (ii < K) & (jj < K))
+    if LOG_SCALE:
+        floor = tl.cast(floor_hi, tl.float64) + tl.cast(floor_lo, tl.float64)
+        losses = tl.load(l_ptr + r, mask=live_r, other=1.0).to(tl.float64)
+        clamped = tl.maximum(losses, floor)
+        inv = tl.where(live_r, 1.0 / clamped, 0.0)
+        pi = _simplex_weights(sym * inv[:, None] * inv[None, :], max_iter, ii, jj, r, K, REFINE)
+        w = pi * inv
+        if MEAN_LOSS:
+            w = w * (tl.sum(tl.where(live_r, clamped, 0.0), axis=0) / K)
+    else:
+        w = _simplex_weights(sym, max_iter, ii, jj, r, K, REFINE)
+    if CLIP:
+        max_norm = tl.cast(max_norm_hi, tl.float64) + tl.cast(max_norm_lo, tl.float64)
+        sq = tl.sum(w * tl.sum(sym * w[None, :], axis=1), axis=0)
+        norm = tl.sqrt(tl.maximum(sq, 0.0))
+        w = w * tl.minimum(max_norm / tl.maximum(norm, 1e-30), 1.0)
+    tl.store(w_ptr + r, w, mask=live_r)
 
 
 INTERPRETED = "Interpreted" in type(_min_norm_kernel).__name__
@@ -240,3 +301,41 @@ def min_norm(gram: Tensor, max_iter: int | None = None) -> Tensor:
             num_warps=1 if k <= 16 else 4,
         )
     return w.reshape(*batch, k)
+
+
+def mokd_weights(
+    gram: Tensor,
+    losses: Tensor,
+    log_scale: bool = True,
+    loss_floor: float = 1e-6,
+    mean_loss: bool = True,
+    max_norm: float | None = None,
+    max_iter: int | None = None,
+) -> Tensor:
+    """:class:`gradbal.methods.MoKD`'s weights [K] (float64) for one [K, K] ``gram`` and the
+    loss values ``losses`` [K], in one launch: see ``_mokd_kernel`` (``mean_loss``: the
+    ``"mean_loss"`` magnitude, which applies with log scaling only)."""
+    k = check_kxk(gram, "mokd_weights", "gradbal.methods.MoKD.weights", INTERPRETED, batched=False)
+    if not isinstance(losses, Tensor) or losses.shape != (k,) or not losses.is_floating_point():
+        raise ValueError(f"mokd_weights: losses must be a floating-point [{k}] tensor, got "
+                         f"{getattr(losses, 'shape', losses)}")
+    max_iter = check_max_iter(max_iter, k, "mokd_weights")
+    w = _alloc((k,), dtype=torch.float64, device=gram.device)
+    _mokd_kernel[(1,)](
+        gram,
+        gram.stride(0),
+        gram.stride(1),
+        losses,
+        w,
+        *fp32_pair(loss_floor),
+        *fp32_pair(0.0 if max_norm is None else max_norm),
+        max_iter,
+        K=k,
+        KP=max(2, next_pow2(k)),
+        REFINE=REFINE_STEPS,
+        LOG_SCALE=bool(log_scale),
+        MEAN_LOSS=bool(mean_loss),
+        CLIP=max_norm is not None,
+        num_warps=1 if k <= 16 else 4,
+    )
+    return w

@@ -140,6 +140,23 @@ def variants():
             yield f"min_norm {dt} K={k}", min_norm._min_norm_kernel, sig, consts, \
                 {"num_warps": 1 if k <= 16 else 4}
 
+    # MoKD's fused stage: each padded K, each option combination the method can ask for.
+    for k in [2, 3, 8, 16, 32]:
+        for log_scale, mean_loss, clip in itertools.product([True, False], repeat=3):
+            if mean_loss and not log_scale:
+                continue  # MoKD passes mean_loss only with log scaling on
+            sig = {
+                "g_ptr": "*fp64", "stride_r": "i64", "stride_c": "i64", "l_ptr": "*fp64",
+                "w_ptr": "*fp64", "floor_hi": "fp32", "floor_lo": "fp32", "max_norm_hi": "fp32",
+                "max_norm_lo": "fp32", "max_iter": "i32", "K": "constexpr", "KP": "constexpr",
+                "REFINE": "constexpr", "LOG_SCALE": "constexpr", "MEAN_LOSS": "constexpr",
+                "CLIP": "constexpr",
+            }
+            consts = {"K": k, "KP": max(2, next_pow2(k)), "REFINE": min_norm.REFINE_STEPS,
+                      "LOG_SCALE": log_scale, "MEAN_LOSS": mean_loss, "CLIP": clip}  # fmt: skip
+            yield (f"mokd_weights K={k} log={log_scale} mean={mean_loss} clip={clip}",
+                   min_norm._mokd_kernel, sig, consts, {"num_warps": 1 if k <= 16 else 4})
+
     # The dual-cone projections (UPGrad, DualProj for K >= 3 on CUDA): the same sizes.
     dual_cone = importlib.import_module("gradbal.kernels.dual_cone")
     for k in [3, 5, 8, 16, 32]:

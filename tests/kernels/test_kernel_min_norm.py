@@ -125,6 +125,51 @@ def test_property_kkt_and_scale_invariance(mn_mod, k, seed, scale, rank):
     assert abs(w[0] @ q @ w[0] - w[1] @ q @ w[1]) <= 1e-9 * (w[0] @ q @ w[0]) + 1e-15
 
 
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_mokd_weights_is_the_method_in_one_launch(mn_mod, device, k):
+    """mokd_weights (MoKD's whole stage fused) against MoKD.weights' torch ops on the CPU, for
+    each option: log scaling or not, both magnitudes, a loss floor that binds, clipping."""
+    from gradbal.methods import MoKD
+
+    losses = torch.tensor(np.random.default_rng(k).uniform(0.1, 2.0, k))
+    for opts in ({}, {"log_scale": False}, {"magnitude": "faithful"}, {"max_norm": 0.05},
+                 {"loss_floor": 0.5}):  # fmt: skip
+        m = MoKD(**opts)
+        for kind in WELL + ["zero_row"]:
+            g = torch.tensor(gram_case(kind, k, 5))
+            ref = m.weights(g, losses)  # CPU: the torch ops
+            w = mn_mod.mokd_weights(
+                g.to(device), losses.to(device), m.log_scale, m.loss_floor,
+                m.log_scale and m.magnitude == "mean_loss", m.max_norm,
+            ).cpu()  # fmt: skip
+            assert (w - ref).abs().max() <= 1e-7 * ref.abs().max(), (opts, kind, w, ref)
+    with pytest.raises(ValueError, match="losses must be"):
+        mn_mod.mokd_weights(g.to(device), losses[:1].to(device))
+
+
+def test_mokd_dispatches_to_the_fused_kernel(monkeypatch, mn_mod):
+    """MoKD.weights returns the fused kernel's weights where the min-norm kernels run (K >= 2),
+    and the torch ops when iterations is given."""
+    from gradbal.methods import MoKD
+
+    seen = []
+
+    def use(gram, k_min=3):
+        seen.append(k_min)
+        return True
+
+    monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
+    monkeypatch.setattr(solvers, "_use_min_norm_kernel", use)
+    g = torch.tensor(gram_case("conflicting", 2, 1))
+    losses = torch.tensor([0.7, 1.9], dtype=torch.float64)
+    assert torch.equal(MoKD().weights(g, losses), mn_mod.mokd_weights(g, losses))
+    assert seen == [2]
+    w = MoKD(iterations=8).weights(g, losses)  # the torch ops (the closed form at K = 2)
+    assert seen == [2]  # not even asked
+    fused = MoKD().weights(g, losses)
+    assert (w - fused).abs().max() <= 1e-10 * w.abs().max()
+
+
 # ------------------------------------------------------------------------- wrapper / kernel
 
 
@@ -205,7 +250,9 @@ def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
     warns once and the torch solver answers, then and from then on."""
     g = torch.tensor(gram_case("conflicting", 5, 1))
     monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
-    monkeypatch.setattr(solvers, "_use_min_norm_kernel", lambda t: not solvers._min_norm_kernel_failed)
+    monkeypatch.setattr(
+        solvers, "_use_min_norm_kernel", lambda t, k_min=3: not solvers._min_norm_kernel_failed
+    )
     assert torch.equal(solvers.min_norm_simplex(g), mn_mod.min_norm(g))
     assert solvers.min_norm_simplex(g.float()).dtype == torch.float32
     calls = []
@@ -230,13 +277,14 @@ def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_methods_use_the_kernel_without_host_sync():
-    """On CUDA, mgda / mokd weights at K = 3..16 come from the kernel (one launch), make no
-    host sync, and agree with the CPU solvers on well-conditioned Gram matrices."""
+    """On CUDA, mgda / mokd weights at K = 3..16 (mokd also at K = 2, fused) come from the
+    kernels (one launch), make no host sync, and agree with the CPU solvers on
+    well-conditioned Gram matrices."""
     import gradbal
     from gradbal import kernels
 
     dev = torch.device("cuda")
-    for k in (3, 4, 8, 16):
+    for k in (2, 3, 4, 8, 16):
         g = torch.tensor(gram_case("conflicting", k, 2))
         losses = torch.rand(k, dtype=torch.float64) + 0.5
         for name in ("mgda", "mokd"):
@@ -251,4 +299,5 @@ def test_gpu_methods_use_the_kernel_without_host_sync():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert (w.cpu() - ref).abs().max() <= 1e-7 * ref.abs().max(), (name, k)
-        assert torch.equal(solvers.min_norm_simplex(g.to(dev)), kernels.min_norm(g.to(dev)))
+        if k >= 3:
+            assert torch.equal(solvers.min_norm_simplex(g.to(dev)), kernels.min_norm(g.to(dev)))
