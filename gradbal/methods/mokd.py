@@ -35,6 +35,9 @@ class MoKD(Method):
     4. Magnitude (gradbal's choice, see below), then optional clipping: ``||d||^2 = w^T G w``
        is known from G, so ``w <- w * min(1, max_norm / ||d||)`` costs no pass over memory.
 
+    On CUDA (K <= 32, ``iterations`` not given) steps 1-4 run as one Triton launch,
+    :func:`gradbal.kernels.mokd_weights`; elsewhere as torch ops.
+
     In the interior case every objective improves at the same rate:
     ``<d, h_1> = <d, h_2> = ||d||^2`` (no conflict, no dominance).
 
