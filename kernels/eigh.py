@@ -1,4 +1,4 @@
-"""Symmetric eigendecomposition of a batch of small matrices in one launch (cyclic Jacobi).
+"""Symmetric eigendecomposition of a batch of small matrices in one launch (parallel Jacobi).
 
 Why. The K x K stage of Aligned-MTL, IMTL-G and ConFIG needs ``A = V diag(lambda) V^T``.
 ``torch.linalg.eigh`` synchronises a CUDA device with the host, which a balanced step must
@@ -14,24 +14,21 @@ KP = next power of two >= 2; padding rows/columns are 0 and no rotation touches 
    :func:`gradbal.solvers_qp._sym`; exactly symmetric), and divide by
    ``s = max |a_ij|`` (1 for a zero matrix) so every entry is in [-1, 1]: no rotation can
    overflow and the eigenvalues are multiplied back by s at the end.
-2. ``sweeps`` cyclic sweeps (default :func:`default_sweeps`), each over
-   the pairs p < q in row order (runtime loops, so the compiled code does not grow with K).
-   Rotation (p, q), with ``tau = (a_qq - a_pp) / (2 a_pq)``::
+2. ``sweeps`` sweeps (default :func:`default_sweeps`) of the parallel cyclic order of the
+   torch version (:func:`gradbal.solvers_qp.jacobi_eigh`): each sweep is N - 1 rounds of the
+   circle method (N = K rounded up to even; ``_round_robin``), and a round rotates K / 2
+   disjoint pairs (p, q) at once. For each pair, with ``tau = (a_qq - a_pp) / (2 a_pq)``::
 
        t = sign(tau) / (|tau| + sqrt(1 + tau^2))     (the smaller root: |angle| <= pi/4)
        c = 1 / sqrt(1 + t^2),  s = t c
 
-   t = 0 (no rotation, a_pq set to 0) where |a_pq| <= 2^-60 (a perturbation far below
-   rounding; rotating by the angle of such noise stalls convergence on multiple eigenvalues,
-   see ``_SKIP``) and where tau is inf/NaN.
-   ``A <- J^T A J`` and ``V <- V J`` with J the identity but for ``J_pp = J_qq = c``,
-   ``J_pq = s``, ``J_qp = -s``: rows/columns p and q of A become
-   ``c a_p. - s a_q.`` and ``s a_p. + c a_q.``, the 2 x 2 block becomes
-   ``diag(a_pp - t a_pq, a_qq + t a_pq)`` (Rutishauser's form, more accurate than rotating it)
-   with ``a_pq = a_qp = 0`` exactly. Each rotated row vector is written as row and as column
-   (the same values), so A stays symmetric bit for bit. Cyclic Jacobi converges quadratically once the off-diagonal
-   mass is small; after each sweep entries below 1e-200 are flushed to 0 (denormal
-   arithmetic is slow on GPUs and meaningless at this scale), as in the torch version.
+   t = 0 (no rotation) where |a_pq| <= 2^-60 (a perturbation far below rounding; rotating by
+   the angle of such noise stalls convergence on multiple eigenvalues, see ``_SKIP``) and
+   where tau is inf/NaN. ``A <- R^T A R``, ``V <- V R`` with R the identity but for
+   ``R_pp = R_qq = c``, ``R_pq = s``, ``R_qp = -s`` on every pair: each column (then row) is
+   mixed with its partner's, read with ``tl.gather`` (a register permutation), and A is made
+   exactly symmetric again, ``(A + A^T) / 2``. After each sweep entries below 1e-200 are
+   flushed to 0 (denormal arithmetic is slow on GPUs and meaningless at this scale).
 3. Eigenvalues ``lambda_m = s a_mm``. Sorted in the kernel: ``rank_m = #{n : lambda_n <
    lambda_m, or lambda_n = lambda_m and n < m}`` (a permutation of 0..K-1), and eigenvalue m
    and column m of V are stored at position rank_m: every output entry is written once.
@@ -40,14 +37,13 @@ Numerics: with every rotation orthogonal to rounding, the eigenvalues are backwa
 (errors ~ K eps max|lambda| after convergence); the test suite checks agreement with LAPACK to
 1e-12 of max|lambda|, ``||V^T V - I|| <= 1e-12`` and ``||A V - V diag(lambda)|| <= 1e-11 ||A||``.
 
-Cost on a GPU: ``sweeps K (K - 1) / 2`` rotations (K = 4: 36, K = 8: 252, K = 16: 1320),
-each six masked reductions inside one program (rows p, q of A; a_pq and a_qq - a_pp; columns
-p, q of V) and a few where-selects on the tile; 1 warp up to KP = 16, so the reductions are
-warp shuffles. Latency-bound, but with no launch per op and no host synchronisation.
-Measured on an H200 (2026-11-26, benchmarks/RESULTS.md): Aligned-MTL's whole K = 16 stage,
-this kernel and a few ops, replays from a CUDA graph in 1.56 ms (eager 1.61 ms), where the
-torch Jacobi's 5120 launches took 60-147x the Gram and combine passes (H100); the next step
-is the parallel (round-robin) ordering, K / 2 disjoint rotations at once. (Warp counts untuned.)
+Cost on a GPU: ``sweeps (N - 1)`` rounds (K = 16: 11 x 15 = 165), each two masked reductions
+and four gathers on the tile; 1 warp up to KP = 16. The first version rotated one pair at a
+time (K = 16: 1320 rotations of six reductions each), measured on an H200 (2026-11-26,
+benchmarks/RESULTS.md) at 1.56 ms for Aligned-MTL's whole K = 16 stage replayed from a CUDA
+graph (the torch Jacobi's 5120 launches had taken 60-147x the Gram and combine passes on an
+H100). This parallel version does about an eighth of the reductions at K = 16; it is not yet
+timed on a GPU. (Warp counts untuned.)
 """
 
 from __future__ import annotations
@@ -86,22 +82,20 @@ _alloc = torch.empty
 
 
 def default_sweeps(k: int) -> int:
-    """Cyclic sweeps the kernel runs by default for a K x K matrix.
+    """Sweeps the kernel runs by default for a K x K matrix.
 
-    Measured with this algorithm (row-cyclic order, the ``_SKIP`` threshold) on 1200 (K <= 8),
-    600 (K <= 16) or 180 (K > 16) matrices per K: random symmetric, rank K/2 (X X^T), graded
-    (eigenvalues +-1e-8..1e8), pairs of equal eigenvalues, equal and zero rows, one row and
-    column scaled by 1e4. Sweeps until the largest off-diagonal entry of every matrix was below
-    1e-16 of max |a|: K = 2: 1 (one exact rotation), 3: 4, 4: 5, 5: 7, 6-8: 8, 10-14: 9,
-    16: 10, 20-24: 11, 28: 12, 32: 13. The counts here add one sweep of margin. (The parallel
-    ordering of :func:`gradbal.solvers_qp._default_sweeps` gives 4 at K = 4, which leaves some
-    of these matrices at 4e-6 in this ordering.)
+    Measured with this algorithm (the parallel order, the ``_SKIP`` threshold) on the test
+    suite's kinds (random, rank K/2, graded eigenvalues +-1e-8..1e8, zero, a zero row, equal
+    rows, diagonal, pairs of equal eigenvalues; 6 seeds for K <= 8, 3 above): sweeps until the
+    largest off-diagonal entry of every matrix was below 1e-16 of max |a|: K = 3, 4: 4; 5: 5;
+    8: 7; 9: 8; 12: 9; 16, 17: 10; 24: 12; 32: 14. The counts here keep one sweep of margin
+    (K = 2 is one exact rotation).
     """
     if k <= 2:
         return 1
     if k <= 4:
         return k + 2
-    return 9 if k <= 8 else 11 if k <= 16 else 14
+    return 9 if k <= 8 else 11 if k <= 16 else 15
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,44 +103,71 @@ def default_sweeps(k: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _round_robin_reference(k: int, t: int) -> tuple[Tensor, Tensor]:
+    """``_round_robin`` of the kernel for lanes 0..k-1 (torch, on the CPU)."""
+    n = k + k % 2
+    x = torch.arange(k)
+    pos = torch.where(x == 0, 0, 1 + (x - 1 + t) % (n - 1))
+    ppos = n - 1 - pos
+    partner = torch.where(ppos == 0, 0, 1 + (ppos - 1 - t) % (n - 1))
+    paired = partner < k
+    partner = torch.where(paired, partner, x)
+    sign = torch.where(paired, torch.where(x < partner, 1.0, -1.0), 0.0).double()
+    return partner, sign
+
+
 def eigh_reference(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
-    """The kernel's algorithm in torch ops on one symmetric-ised float64 [K, K] matrix (slow:
-    a Python loop over rotations). Returns (eigenvalues ascending [K], V [K, K])."""
+    """The kernel's algorithm in torch ops on one symmetric-ised float64 [K, K] matrix (the
+    same rounds in the same order, a Python loop). Returns (eigenvalues ascending [K], V)."""
     k = a.shape[-1]
-    x = a.to(torch.float64)
+    x = a.to(torch.float64).cpu()
     x = torch.where(x.abs() <= torch.finfo(torch.float64).max, x, 0.0)
     x = 0.5 * x + 0.5 * x.mT
     scale = x.abs().amax()
     scale = torch.where(scale > 0, scale, 1.0)
     x = x / scale
-    v = torch.eye(k, dtype=torch.float64, device=a.device)
+    v = torch.eye(k, dtype=torch.float64)
     for _ in range(default_sweeps(k) if sweeps is None else sweeps):
-        for p in range(k - 1):
-            for q in range(p + 1, k):
-                app, aqq, apq = x[p, p], x[q, q], x[p, q]
-                tau = (aqq - app) / (2 * apq)
-                t = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.sqrt(1 + tau * tau))
-                t = torch.where((apq.abs() > 2.0**-60) & torch.isfinite(tau), t, 0.0)
-                c = 1 / torch.sqrt(1 + t * t)
-                s = t * c
-                rp = c * x[p] - s * x[q]
-                rq = s * x[p] + c * x[q]
-                rp[p], rp[q] = app - t * apq, 0.0
-                rq[p], rq[q] = 0.0, aqq + t * apq
-                x[p], x[q] = rp, rq
-                x[:, p], x[:, q] = rp, rq
-                vp, vq = v[:, p].clone(), v[:, q].clone()
-                v[:, p], v[:, q] = c * vp - s * vq, s * vp + c * vq
+        for t in range(k + k % 2 - 1):
+            partner, sign = _round_robin_reference(k, t)
+            d = x.diagonal()
+            ap = x[:, partner]
+            apq = ap.diagonal()
+            tau = (sign * (d[partner] - d) / (2 * apq)) + 0.0
+            ti = torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + torch.sqrt(1 + tau * tau))
+            ok = (sign != 0) & (apq.abs() > 2.0**-60) & (tau.abs() <= torch.finfo(torch.float64).max)
+            ti = torch.where(ok, ti, 0.0)
+            c = 1 / torch.sqrt(1 + ti * ti)
+            s_p = (sign * ti * c)[partner]
+            ar = x * c[None, :] + ap * s_p[None, :]
+            x = c[:, None] * ar + s_p[:, None] * ar[partner, :]
+            x = 0.5 * x + 0.5 * x.mT
+            v = v * c[None, :] + v[:, partner] * s_p[None, :]
         x = torch.where(x.abs() < 1e-200, 0.0, x)
     d = x.diagonal()
     order = sorted(range(k), key=lambda m: (float(d[m]), m))
-    order_t = torch.tensor(order, device=a.device)
-    return d[order_t] * scale, v[:, order_t]
+    order_t = torch.tensor(order)
+    return (d[order_t] * scale).to(a.device), v[:, order_t].to(a.device)
 
 
 # --------------------------------------------------------------------------------------------
 # kernel
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_robin(r, t, K: tl.constexpr, N: tl.constexpr):
+    """Round t of the circle method over N = K + (K odd) players: (partner, sign) per lane r,
+    partner(i) = i and sign 0 for an unpaired lane (the bye when K is odd, padded lanes), else
+    sign +1 for the smaller index of the pair and -1 for the larger. Player 0 stays at
+    position 0; after t rounds player x >= 1 is at position 1 + (x - 1 + t) mod (N - 1)."""
+    pos = tl.where(r == 0, 0, 1 + (r - 1 + t) % (N - 1))
+    ppos = N - 1 - pos
+    partner = tl.where(ppos == 0, 0, 1 + (ppos - 1 - t + (N - 1)) % (N - 1))
+    paired = (r < K) & (partner < K)
+    partner = tl.where(paired, partner, r)
+    sign = tl.where(paired, tl.where(r < partner, 1.0, -1.0), 0.0)
+    return partner, sign
 
 
 @triton.jit
@@ -160,6 +181,7 @@ def _eigh_kernel(
     sweeps,
     K: tl.constexpr,
     KP: tl.constexpr,
+    N: tl.constexpr,
 ):
     """Program b: eigenvalues (ascending) of a[b] -> w[b, :K], eigenvectors (columns) ->
     v[b, :K, :K] (both contiguous)."""
@@ -180,52 +202,28 @@ def _eigh_kernel(
     a = a / scale
     v = tl.where(ii == jj, 1.0, 0.0).to(tl.float64)
     for _sweep in range(sweeps):
-        for p in range(K - 1):
-            for q in range(p + 1, K):
-                row_p = ii == p
-                row_q = ii == q
-                col_p = jj == p
-                col_q = jj == q
-                at_p = r == p
-                at_q = r == q
-                # Rows p and q of A (indexed by column j); a_pq and a_qq - a_pp (two masked sums:
-                # the zeros add exactly).
-                rp = tl.sum(tl.where(row_p, a, 0.0), axis=0)
-                rq = tl.sum(tl.where(row_q, a, 0.0), axis=0)
-                apq = tl.sum(tl.where(at_q, rp, 0.0), axis=0)
-                diff = tl.sum(tl.where(at_q, rq, tl.where(at_p, -rp, 0.0)), axis=0)
-                tau = diff / (2.0 * apq)
-                t = tl.where(tau >= 0, 1.0, -1.0) / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau))
-                # A negligible a_pq (below _SKIP, including 0: tau = 0/0 or +-inf) is set to 0
-                # with no rotation; so is one whose tau^2 overflows (not reachable after the
-                # threshold, kept for safety).
-                t = tl.where((tl.abs(apq) > _SKIP) & (tl.abs(tau) <= _DBL_MAX), t, 0.0)
-                c = 1.0 / tl.sqrt(1.0 + t * t)
-                s = t * c
-                # Rotated rows, the 2 x 2 block set to its exact form
-                # diag(a_pp - t a_pq, a_qq + t a_pq) (lane p of rp is a_pp, lane q of rq a_qq).
-                tapq = t * apq
-                new_p = tl.where(at_p, rp - tapq, tl.where(at_q, 0.0, c * rp - s * rq))
-                new_q = tl.where(at_q, rq + tapq, tl.where(at_p, 0.0, s * rp + c * rq))
-                # Written as rows p, q and (A is symmetric) as columns p, q: the same values in
-                # both places, so A stays exactly symmetric.
-                a = tl.where(
-                    row_p,
-                    new_p[None, :],
-                    tl.where(
-                        row_q,
-                        new_q[None, :],
-                        tl.where(col_p, new_p[:, None], tl.where(col_q, new_q[:, None], a)),
-                    ),
-                )
-                # V <- V J: columns p and q.
-                vp = tl.sum(tl.where(col_p, v, 0.0), axis=1)
-                vq = tl.sum(tl.where(col_q, v, 0.0), axis=1)
-                v = tl.where(
-                    col_p,
-                    (c * vp - s * vq)[:, None],
-                    tl.where(col_q, (s * vp + c * vq)[:, None], v),
-                )
+        for t in range(N - 1):  # a round: K / 2 disjoint rotations at once
+            partner, sign = _round_robin(r, t, K, N)
+            part_cols = tl.broadcast_to(partner[None, :], (KP, KP))
+            d = tl.sum(tl.where(ii == jj, a, 0.0), axis=1)  # diagonal, indexed by row
+            ap = tl.gather(a, part_cols, axis=1)  # ap[i, j] = a[i, partner(j)]
+            apq = tl.sum(tl.where(ii == jj, ap, 0.0), axis=1)  # a[i, partner(i)]
+            tau = (sign * (tl.gather(d, partner, axis=0) - d) / (2.0 * apq)) + 0.0
+            t_i = tl.where(tau >= 0, 1.0, -1.0) / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau))
+            # Unpaired, a negligible a_pq (below _SKIP, 0 included: tau = 0/0 or +-inf), or
+            # a tau^2 that overflows: no rotation.
+            t_i = tl.where(
+                (sign != 0) & (tl.abs(apq) > _SKIP) & (tl.abs(tau) <= _DBL_MAX), t_i, 0.0
+            )
+            c = 1.0 / tl.sqrt(1.0 + t_i * t_i)
+            s_p = tl.gather(sign * t_i * c, partner, axis=0)  # s of i's partner
+            # A <- R^T A R and V <- V R with R = diag(c) + s e_i e_partner(i)^T: columns,
+            # then rows, each mixed with its partner's.
+            ar = a * c[None, :] + ap * s_p[None, :]
+            part_rows = tl.broadcast_to(partner[:, None], (KP, KP))
+            a = c[:, None] * ar + s_p[:, None] * tl.gather(ar, part_rows, axis=0)
+            a = 0.5 * a + 0.5 * tl.trans(a)  # exactly symmetric again
+            v = v * c[None, :] + tl.gather(v, part_cols, axis=1) * s_p[None, :]
         a = tl.where(tl.abs(a) < _FLUSH, 0.0, a)
     d = tl.sum(tl.where(ii == jj, a, 0.0), axis=1)  # diagonal, indexed by row
     dj = tl.sum(tl.where(ii == jj, a, 0.0), axis=0)  # the same, indexed by column
@@ -284,6 +282,7 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
             sweeps,
             K=k,
             KP=max(2, next_pow2(k)),
+            N=k + k % 2,
             num_warps=_num_warps(max(2, next_pow2(k))),
         )
     return evals.reshape(*batch, k), evecs.reshape(*batch, k, k)

@@ -121,9 +121,9 @@ def variants():
             sig = {
                 "a_ptr": f"*{dt}", "stride_b": "i64", "stride_r": "i64", "stride_c": "i64",
                 "w_ptr": "*fp64", "v_ptr": "*fp64", "sweeps": "i32",
-                "K": "constexpr", "KP": "constexpr",
+                "K": "constexpr", "KP": "constexpr", "N": "constexpr",
             }
-            yield f"eigh {dt} K={k}", eigh._eigh_kernel, sig, {"K": k, "KP": kp}, \
+            yield f"eigh {dt} K={k}", eigh._eigh_kernel, sig, {"K": k, "KP": kp, "N": k + k % 2}, \
                 {"num_warps": eigh._num_warps(kp)}
 
     # The min-norm simplex solver (MGDA and MoKD for K >= 3 on CUDA): each padded K, fp64 and
