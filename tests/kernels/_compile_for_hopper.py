@@ -115,15 +115,16 @@ def variants():
     # The K x K eigendecomposition (Aligned-MTL, IMTL-G, ConFIG on CUDA): every K the tests
     # check, fp64 input, and fp32 input at two sizes.
     eigh = importlib.import_module("gradbal.kernels.eigh")
-    for k in [2, 3, 4, 8, 16, 32]:
-        kp = max(2, next_pow2(k))
+    for k, parallel in itertools.product([2, 3, 4, 8, 16, 32], [False, True]):
+        kp = eigh._k_pad(k, parallel)
         for dt in (["fp64", "fp32"] if k in (4, 32) else ["fp64"]):
             sig = {
                 "a_ptr": f"*{dt}", "stride_b": "i64", "stride_r": "i64", "stride_c": "i64",
                 "w_ptr": "*fp64", "v_ptr": "*fp64", "sweeps": "i32",
-                "K": "constexpr", "KP": "constexpr", "N": "constexpr",
+                "K": "constexpr", "KP": "constexpr", "N": "constexpr", "PARALLEL": "constexpr",
             }
-            yield f"eigh {dt} K={k}", eigh._eigh_kernel, sig, {"K": k, "KP": kp, "N": k + k % 2}, \
+            consts = {"K": k, "KP": kp, "N": k + k % 2, "PARALLEL": parallel}
+            yield f"eigh {dt} K={k} parallel={parallel}", eigh._eigh_kernel, sig, consts, \
                 {"num_warps": eigh._num_warps(kp)}
 
     # The min-norm simplex solver (MGDA and MoKD for K >= 3 on CUDA): each padded K, fp64 and
