@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["active_set_step", "check_max_iter", "fp32_pair", "sweep_pivot", "sweep_reference"]
+__all__ = [
+    "active_set_step", "check_max_iter", "fp32_pair", "launch_meta", "sweep_pivot", "sweep_reference",
+]
 
 _INF = tl.constexpr(float("inf"))
 _TINY = tl.constexpr(1e-300)
@@ -106,3 +108,11 @@ def fp32_pair(x: float) -> tuple[float, float]:
     x = float(x)
     hi = float(torch.tensor(x, dtype=torch.float32))
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+def launch_meta(k: int, refine: int) -> dict:
+    """The compile-time arguments of the active-set kernels for K: K, KP (next power of two
+    >= 2), REFINE, and the warps (1 up to K = 16: the [KP, KP] tile and its reductions stay in
+    one warp; 4 above, so that the tiles do not spill)."""
+    return {"K": k, "KP": max(2, 1 << max(0, k - 1).bit_length()), "REFINE": refine,
+            "num_warps": 1 if k <= 16 else 4}

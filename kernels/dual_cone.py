@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
-from ._sweep import active_set_step, check_max_iter, fp32_pair, sweep_reference
+from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
+from ._sweep import active_set_step, check_max_iter, fp32_pair, launch_meta, sweep_reference
 
 __all__ = ["MAX_K", "default_max_iter", "dual_cone", "dual_cone_reference"]
 
@@ -206,9 +206,6 @@ def dual_cone(
             *fp32_pair(reg),
             *fp32_pair(norm_eps),
             max_iter,
-            K=k,
-            KP=max(2, next_pow2(k)),
-            REFINE=REFINE_STEPS,
-            num_warps=1 if k <= 16 else 4,
+            **launch_meta(k, REFINE_STEPS),
         )
     return v

@@ -61,8 +61,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
-from ._sweep import active_set_step, check_max_iter, fp32_pair, sweep_pivot, sweep_reference
+from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
+from ._sweep import (
+    active_set_step,
+    check_max_iter,
+    fp32_pair,
+    launch_meta,
+    sweep_pivot,
+    sweep_reference,
+)
 
 __all__ = ["MAX_K", "default_max_iter", "min_norm", "min_norm_reference", "mokd_weights"]
 
@@ -295,10 +302,7 @@ def min_norm(gram: Tensor, max_iter: int | None = None) -> Tensor:
             flat.stride(2),
             w,
             max_iter,
-            K=k,
-            KP=max(2, next_pow2(k)),
-            REFINE=REFINE_STEPS,
-            num_warps=1 if k <= 16 else 4,
+            **launch_meta(k, REFINE_STEPS),
         )
     return w.reshape(*batch, k)
 
@@ -330,12 +334,9 @@ def mokd_weights(
         *fp32_pair(loss_floor),
         *fp32_pair(0.0 if max_norm is None else max_norm),
         max_iter,
-        K=k,
-        KP=max(2, next_pow2(k)),
-        REFINE=REFINE_STEPS,
         LOG_SCALE=bool(log_scale),
         MEAN_LOSS=bool(mean_loss),
         CLIP=max_norm is not None,
-        num_warps=1 if k <= 16 else 4,
+        **launch_meta(k, REFINE_STEPS),
     )
     return w
