@@ -40,7 +40,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._ops import env_backend, kernel_function, warn_kernel_failure
+from ._solver_kernels import MIN_NORM
 
 __all__ = [
     "EXACT_MAX_K",
@@ -308,44 +308,6 @@ def _min_norm_large(gram: Tensor, iterations: int, rounds: int) -> Tensor:
     return best.squeeze(-2)
 
 
-# Set when the min-norm kernel failed (a GPU Triton cannot compile for): the torch solvers run
-# from then on, after one warning.
-_min_norm_kernel_failed = False
-# Largest K of the kernel (gradbal.kernels.min_norm.MAX_K; kept here so that choosing the
-# path imports no Triton).
-_MIN_NORM_KERNEL_MAX_K = 32
-
-
-def _use_min_norm_kernel(gram: Tensor, k_min: int = 3) -> bool:
-    """Whether the min-norm kernels (``min_norm``; MoKD's ``mokd_weights`` with ``k_min=2``)
-    run for ``gram``: CUDA, ``k_min <= K <= 32`` (K = 2 of min_norm_simplex: the closed form),
-    not forced to torch, not failed before."""
-    # Not inside torch.compile (gradbal.compile_method): there the torch ops are what the
-    # compiler fuses, and the CUDA tests of compiled methods ran them.
-    return (
-        gram.is_cuda
-        and not torch.compiler.is_compiling()
-        and k_min <= gram.shape[-1] <= _MIN_NORM_KERNEL_MAX_K
-        and not _min_norm_kernel_failed
-        and env_backend() != "torch"
-        and kernel_function("min_norm") is not None
-    )
-
-
-def _run_min_norm_kernel(name: str, gram: Tensor, *args, **kwargs) -> Tensor | None:
-    """``gradbal.kernels.<name>(gram, *args, **kwargs)``, or None after the first failure of a
-    min-norm kernel (warned once; the torch ops run from then on)."""
-    global _min_norm_kernel_failed
-    try:
-        g = gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
-        return kernel_function(name)(g, *args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
-        _min_norm_kernel_failed = True
-        # _run_min_norm_kernel, its caller: point at the caller's caller
-        warn_kernel_failure("the Triton min-norm kernel", "the torch solvers", err, stacklevel=3)
-        return None
-
-
 def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     """Weights of the min-norm point of the convex hull of the vectors whose Gram is ``gram``.
 
@@ -364,8 +326,8 @@ def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
         raise ValueError(f"gram must be square in its last two dims, got {tuple(gram.shape)}")
     k = gram.shape[-1]
     out_dtype = gram.dtype
-    if iterations is None and _use_min_norm_kernel(gram):  # CUDA, 3 <= K <= 32
-        w = _run_min_norm_kernel("min_norm", gram)
+    if iterations is None and MIN_NORM.usable(gram):  # CUDA, 3 <= K <= 32
+        w = MIN_NORM.run(gram)
         if w is not None:
             return w if w.dtype == out_dtype else w.to(out_dtype)
     # (dtype checks in Python: a no-op ``.to`` still costs a dispatch in a 13-op K = 2 solve.)

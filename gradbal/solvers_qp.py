@@ -38,7 +38,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._ops import env_backend, kernel_function, warn_kernel_failure
+from ._solver_kernels import DUAL_CONE, EIGH
 from .solvers import EXACT_MAX_K, _chol_solve_columns, _subsets
 
 __all__ = [
@@ -210,43 +210,6 @@ def _jacobi(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
 #: ``method`` values of :func:`sym_eig`.
 SYM_EIG_METHODS = ("auto", "eigh", "jacobi", "triton")
 
-# Set when the eigendecomposition kernel failed under "auto" (a GPU Triton cannot compile for):
-# the torch Jacobi method runs from then on, after one warning.
-_eig_kernel_failed = False
-
-
-def _eig_kernel():
-    """``gradbal.kernels.jacobi_eigh``, or None without Triton."""
-    return kernel_function("jacobi_eigh")
-
-
-def _eig_kernel_input(gram: Tensor) -> Tensor:
-    # The kernel reads float64 or float32 with any strides and does _sym's work itself
-    # (non-finite entries read as 0, (G + G^T) / 2): no torch op before the launch.
-    return gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
-
-
-def _use_eig_kernel(gram: Tensor) -> bool:
-    # Not inside torch.compile (gradbal.compile_method): the torch Jacobi ops fuse there.
-    return (
-        gram.is_cuda
-        and not torch.compiler.is_compiling()
-        and 1 <= gram.shape[-1] <= 32  # the kernel's MAX_K
-        and not _eig_kernel_failed
-        and env_backend() != "torch"
-        and _eig_kernel() is not None
-    )
-
-
-def _eig_fallback(err: Exception) -> None:
-    global _eig_kernel_failed
-    _eig_kernel_failed = True
-    # _eig_fallback, sym_eig: point at sym_eig's caller
-    warn_kernel_failure(
-        "the Triton eigendecomposition kernel", "the torch Jacobi method", err, stacklevel=3
-    )
-
-
 def sym_eig(gram: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric ``gram[..., K, K]``.
 
@@ -265,18 +228,11 @@ def sym_eig(gram: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
             f"method must be 'auto', 'eigh', 'jacobi' or 'triton', got {method!r}"
         )
     if method == "triton":
-        kernel = _eig_kernel()
-        if kernel is None:
-            raise RuntimeError(
-                "sym_eig(method='triton') needs gradbal.kernels (install the 'triton' extra), "
-                "or use method='jacobi'"
-            )
-        return kernel(_eig_kernel_input(gram))
-    if method == "auto" and _use_eig_kernel(gram):  # CUDA only
-        try:
-            return _eig_kernel()(_eig_kernel_input(gram))
-        except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
-            _eig_fallback(err)
+        return EIGH.forced(gram)
+    if method == "auto" and EIGH.usable(gram):  # CUDA only
+        result = EIGH.run(gram)
+        if result is not None:
+            return result
     g = _sym(gram)
     if method == "jacobi" or (method == "auto" and g.device.type != "cpu"):
         return _jacobi(g)
@@ -552,36 +508,6 @@ def _dual_cone_ipm(q: Tensor, u: Tensor, iterations: int, rounds: int = DUAL_CON
     return cands.gather(-1, best).squeeze(-1)
 
 
-# Set when the dual-cone kernel failed (a GPU Triton cannot compile for): the torch solvers run
-# from then on, after one warning.
-_dual_cone_kernel_failed = False
-
-
-def _use_dual_cone_kernel(gram: Tensor) -> bool:
-    # Not inside torch.compile (gradbal.compile_method): the torch ops fuse there.
-    return (
-        gram.is_cuda
-        and not torch.compiler.is_compiling()
-        and 3 <= gram.shape[-1] <= 32  # the kernel's MAX_K; K = 2: the closed form
-        and not _dual_cone_kernel_failed
-        and env_backend() != "torch"
-        and kernel_function("dual_cone") is not None
-    )
-
-
-def _dual_cone_kernel(gram: Tensor, u: Tensor, reg: float, norm_eps: float) -> Tensor | None:
-    """The kernel's v [B, K], or None after its first failure (warned once)."""
-    global _dual_cone_kernel_failed
-    try:
-        g = gram if gram.dtype in (torch.float64, torch.float32) else gram.to(torch.float64)
-        return kernel_function("dual_cone")(g, u, reg, norm_eps)
-    except Exception as err:  # noqa: BLE001 - any kernel failure: warn once, use torch
-        _dual_cone_kernel_failed = True
-        # _dual_cone_kernel, project_dual_cone: point at project_dual_cone's caller
-        warn_kernel_failure("the Triton dual-cone kernel", "the torch solvers", err, stacklevel=3)
-        return None
-
-
 def project_dual_cone(
     gram: Tensor,
     u: Tensor,
@@ -618,8 +544,8 @@ def project_dual_cone(
     k = gram.shape[-1]
     batch = u.shape[:-1]
     uu = (u if u.dtype == torch.float64 else u.to(torch.float64)).reshape(-1, k)
-    if iterations == DUAL_CONE_STEPS and _use_dual_cone_kernel(gram):  # CUDA, 3 <= K <= 32
-        v = _dual_cone_kernel(gram, uu, reg_eps + _RIDGE, norm_eps)
+    if iterations == DUAL_CONE_STEPS and DUAL_CONE.usable(gram):  # CUDA, 3 <= K <= 32
+        v = DUAL_CONE.run(gram, uu, reg_eps + _RIDGE, norm_eps)
         if v is not None:
             return torch.maximum(v, uu).reshape(*batch, k)
     if k == 2:

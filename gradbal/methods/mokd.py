@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import solvers
+from .._solver_kernels import MOKD_WEIGHTS
 from ..solvers import min_norm_simplex
 from ._base import Method
 from ._registry import register_method
@@ -96,14 +96,10 @@ class MoKD(Method):
     def weights(self, gram, losses, generator=None):
         if losses is None:
             raise ValueError("method 'mokd' needs the loss values; pass losses=[...]")
-        if (
-            self.iterations is None
-            and gram.dim() == 2
-            and solvers._use_min_norm_kernel(gram, k_min=2)
-        ):
+        if self.iterations is None and gram.dim() == 2 and MOKD_WEIGHTS.usable(gram):
             # CUDA: the whole stage below in one launch (gradbal.kernels.mokd_weights).
-            w = solvers._run_min_norm_kernel(
-                "mokd_weights", gram, losses, self.log_scale, self.loss_floor,
+            w = MOKD_WEIGHTS.run(
+                gram, losses, self.log_scale, self.loss_floor,
                 self.log_scale and self.magnitude == "mean_loss", self.max_norm,
             )  # fmt: skip
             if w is not None:

@@ -13,9 +13,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _small_k import DEGENERATE, WELL, FakeCuda, gram_case
+from _small_k import DEGENERATE, WELL, gram_case
 
-from gradbal import solvers_qp
+from gradbal import _solver_kernels, solvers_qp
+from gradbal._solver_kernels import DUAL_CONE
 
 REG = 1e-4 + 1e-10  # TorchJD's reg_eps plus gradbal's ridge: what UPGrad passes by default
 
@@ -126,26 +127,13 @@ def test_wrapper_errors_strides_and_full_write(dc_mod, device, monkeypatch):
 
 
 def test_dispatch(monkeypatch, dc_mod):
-    monkeypatch.setattr(solvers_qp, "_dual_cone_kernel_failed", False)
-    monkeypatch.delenv("GRADBAL_BACKEND", raising=False)
-    assert solvers_qp._use_dual_cone_kernel(FakeCuda(3))
-    assert solvers_qp._use_dual_cone_kernel(FakeCuda(32))
-    assert not solvers_qp._use_dual_cone_kernel(FakeCuda(2))
-    assert not solvers_qp._use_dual_cone_kernel(FakeCuda(33))
-    assert not solvers_qp._use_dual_cone_kernel(torch.eye(4, dtype=torch.float64))
-    monkeypatch.setenv("GRADBAL_BACKEND", "torch")
-    assert not solvers_qp._use_dual_cone_kernel(FakeCuda(4))
-    monkeypatch.delenv("GRADBAL_BACKEND")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not solvers_qp._use_dual_cone_kernel(FakeCuda(4))
-    monkeypatch.undo()
-
+    """Through project_dual_cone (the rule itself: tests/kernels/test_solver_kernels.py)."""
     # Chosen: project_dual_cone returns the kernel's v (batch dims kept); a non-default
     # iteration count keeps the torch solver; a failing kernel warns once, then torch.
     g = torch.tensor(gram_case("conflicting", 4, 4))
     u = (torch.eye(4, dtype=torch.float64) / 4).reshape(2, 2, 4)
-    monkeypatch.setattr(solvers_qp, "_dual_cone_kernel_failed", False)
-    monkeypatch.setattr(solvers_qp, "_use_dual_cone_kernel", lambda t: not solvers_qp._dual_cone_kernel_failed)
+    monkeypatch.setattr(DUAL_CONE, "failed", False)
+    monkeypatch.setattr(DUAL_CONE, "usable", lambda t: not DUAL_CONE.failed)
     v = solvers_qp.project_dual_cone(g, u)
     assert v.shape == (2, 2, 4) and torch.equal(v.reshape(4, 4), dc_mod.dual_cone(g, u.reshape(4, 4), REG))
     calls = []
@@ -154,7 +142,7 @@ def test_dispatch(monkeypatch, dc_mod):
         calls.append(1)
         raise RuntimeError("no sm_xx support")
 
-    monkeypatch.setattr(solvers_qp, "kernel_function", lambda name: broken)
+    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
     with pytest.warns(RuntimeWarning, match="dual-cone kernel failed.*torch solvers"):
         w = solvers_qp.project_dual_cone(g, u)
     with warnings.catch_warnings():

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from _small_k import FakeCuda
 
 import gradbal
-from gradbal import solvers_qp
+from gradbal import _solver_kernels, solvers_qp
+from gradbal._solver_kernels import EIGH
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
@@ -293,26 +293,11 @@ def test_sym_eig_auto_keeps_lapack_on_cpu(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the kernel ran on a CPU tensor")
 
-    monkeypatch.setattr(solvers_qp, "_eig_kernel", lambda: boom)
+    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: boom)
     g = torch.tensor(case("random", 4, 0))
     w, v = solvers_qp.sym_eig(g)
     we, ve = torch.linalg.eigh(g)
     assert torch.equal(w, we) and torch.equal(v, ve)
-
-
-def test_auto_choice_and_env_override(monkeypatch):
-    monkeypatch.setattr(solvers_qp, "_eig_kernel_failed", False)
-    monkeypatch.delenv("GRADBAL_BACKEND", raising=False)
-    assert solvers_qp._use_eig_kernel(FakeCuda(4))
-    assert solvers_qp._use_eig_kernel(FakeCuda(32))
-    assert not solvers_qp._use_eig_kernel(FakeCuda(33))  # torch Jacobi above MAX_K
-    monkeypatch.setenv("GRADBAL_BACKEND", "torch")
-    assert not solvers_qp._use_eig_kernel(FakeCuda(4))
-    monkeypatch.setenv("GRADBAL_BACKEND", "triton")
-    assert solvers_qp._use_eig_kernel(FakeCuda(4))
-    monkeypatch.setenv("GRADBAL_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="GRADBAL_BACKEND"):
-        solvers_qp._use_eig_kernel(FakeCuda(4))
 
 
 def test_kernel_failure_falls_back_once(monkeypatch):
@@ -323,13 +308,13 @@ def test_kernel_failure_falls_back_once(monkeypatch):
         calls.append(1)
         raise RuntimeError("no sm_xx support")
 
-    monkeypatch.setattr(solvers_qp, "_eig_kernel_failed", False)
-    monkeypatch.setattr(solvers_qp, "_eig_kernel", lambda: broken)
-    monkeypatch.setattr(solvers_qp, "_use_eig_kernel", lambda g: not solvers_qp._eig_kernel_failed)
+    monkeypatch.setattr(EIGH, "failed", False)
+    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
+    monkeypatch.setattr(EIGH, "usable", lambda g: not EIGH.failed)
     g = torch.tensor(case("random", 4, 5), device="meta")  # not CPU: the Jacobi path
     with pytest.warns(RuntimeWarning, match="falling back to the torch Jacobi"):
         w, v = solvers_qp.sym_eig(g)
-    assert w.shape == (4,) and v.shape == (4, 4) and solvers_qp._eig_kernel_failed
+    assert w.shape == (4,) and v.shape == (4, 4) and EIGH.failed
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         solvers_qp.sym_eig(g)

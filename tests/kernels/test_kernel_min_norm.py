@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from _small_k import DEGENERATE, WELL, FakeCuda, gram_case
+from _small_k import DEGENERATE, WELL, gram_case
 
-from gradbal import solvers
+from gradbal import _solver_kernels, solvers
+from gradbal._solver_kernels import MIN_NORM, MOKD_WEIGHTS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
@@ -154,12 +155,12 @@ def test_mokd_dispatches_to_the_fused_kernel(monkeypatch, mn_mod):
 
     seen = []
 
-    def use(gram, k_min=3):
-        seen.append(k_min)
+    def use(gram):
+        seen.append(gram.shape[-1])
         return True
 
-    monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
-    monkeypatch.setattr(solvers, "_use_min_norm_kernel", use)
+    monkeypatch.setattr(MOKD_WEIGHTS, "failed", False)
+    monkeypatch.setattr(MOKD_WEIGHTS, "usable", use)
     g = torch.tensor(gram_case("conflicting", 2, 1))
     losses = torch.tensor([0.7, 1.9], dtype=torch.float64)
     assert torch.equal(MoKD().weights(g, losses), mn_mod.mokd_weights(g, losses))
@@ -229,30 +230,12 @@ def test_non_finite_entries_read_as_zero(mn_mod, device):
 # ------------------------------------------------------------------------------- dispatch
 
 
-def test_dispatch_choice_and_env_override(monkeypatch):
-    monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
-    monkeypatch.delenv("GRADBAL_BACKEND", raising=False)
-    assert solvers._use_min_norm_kernel(FakeCuda(3))
-    assert solvers._use_min_norm_kernel(FakeCuda(32))
-    assert not solvers._use_min_norm_kernel(FakeCuda(2))  # the closed form
-    assert not solvers._use_min_norm_kernel(FakeCuda(33))
-    assert not solvers._use_min_norm_kernel(torch.eye(4, dtype=torch.float64))  # CPU
-    monkeypatch.setenv("GRADBAL_BACKEND", "torch")
-    assert not solvers._use_min_norm_kernel(FakeCuda(4))
-    monkeypatch.delenv("GRADBAL_BACKEND")
-    # Inside torch.compile (compile_method) the torch ops run: the compiler fuses them.
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not solvers._use_min_norm_kernel(FakeCuda(4))
-
-
 def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
     """Through min_norm_simplex: the kernel's weights where it is chosen; a failing kernel
     warns once and the torch solver answers, then and from then on."""
     g = torch.tensor(gram_case("conflicting", 5, 1))
-    monkeypatch.setattr(solvers, "_min_norm_kernel_failed", False)
-    monkeypatch.setattr(
-        solvers, "_use_min_norm_kernel", lambda t, k_min=3: not solvers._min_norm_kernel_failed
-    )
+    monkeypatch.setattr(MIN_NORM, "failed", False)
+    monkeypatch.setattr(MIN_NORM, "usable", lambda t: not MIN_NORM.failed)
     assert torch.equal(solvers.min_norm_simplex(g), mn_mod.min_norm(g))
     assert solvers.min_norm_simplex(g.float()).dtype == torch.float32
     calls = []
@@ -261,7 +244,7 @@ def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
         calls.append(1)
         raise RuntimeError("no sm_xx support")
 
-    monkeypatch.setattr(solvers, "kernel_function", lambda name: broken)
+    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
     with pytest.warns(RuntimeWarning, match="min-norm kernel failed.*torch solvers"):
         w = solvers.min_norm_simplex(g)
     with warnings.catch_warnings():
