@@ -18,11 +18,14 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   :func:`mokd_weights` fuses MoKD's loss scaling, magnitude and clipping around it.
 * :func:`dual_cone` (:mod:`.dual_cone`): UPGrad's and DualProj's projections onto the dual cone
   (one program per projected vector, K <= 32), the same active-set machinery, one launch.
+* :func:`fair_weights` (:mod:`.fair`): FairGrad's and Nash-MTL's ``G w = w^(-1/alpha)`` by damped
+  and undamped Newton steps (each solve a swept [K, K] tile in registers), one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
 :func:`jacobi_eigh`, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
-``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone` and ``gradbal.methods.MoKD`` to
-:func:`mokd_weights`, for CUDA tensors when :data:`AVAILABLE`. This package
+``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, ``gradbal.solvers_qp.fair_weights``
+to :func:`fair_weights` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
+(``gradbal._solver_kernels`` says when), for CUDA tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
 """
@@ -30,7 +33,7 @@ Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU ten
 from __future__ import annotations
 
 __all__ = [
-    "AVAILABLE", "combine", "dual_cone", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh",
+    "AVAILABLE", "combine", "dual_cone", "fair_weights", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh",
     "min_norm", "mokd_weights",
 ]
 
@@ -38,6 +41,7 @@ try:
     from .combine import combine
     from .dual_cone import dual_cone
     from .eigh import jacobi_eigh
+    from .fair import fair_weights
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
     from .min_norm import min_norm, mokd_weights
@@ -66,6 +70,9 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def dual_cone(gram, u, reg, norm_eps=0.0, max_iter=None):
+        raise RuntimeError(_REASON)
+
+    def fair_weights(gram, alpha=1.0, iterations=8, ridge=1e-8, newton=4):
         raise RuntimeError(_REASON)
 
     def mokd_weights(gram, losses, log_scale=True, loss_floor=1e-6, mean_loss=True,

@@ -172,6 +172,22 @@ def variants():
             yield f"dual_cone {dt} K={k}", dual_cone._dual_cone_kernel, sig, consts, \
                 {"num_warps": 1 if k <= 16 else 4}
 
+    # FairGrad's / Nash-MTL's weights (K >= 3 on CUDA): alpha = 1 (log) and the power form.
+    fair = importlib.import_module("gradbal.kernels.fair")
+    for k in [3, 5, 8, 16, 32]:
+        for dt in ["fp64", "fp32"]:
+            for alpha_one in [True, False]:
+                sig = {
+                    "g_ptr": f"*{dt}", "stride_r": "i64", "stride_c": "i64", "w_ptr": "*fp64",
+                    "alpha_hi": "fp32", "alpha_lo": "fp32", "ridge_hi": "fp32", "ridge_lo": "fp32",
+                    "iterations": "i32", "newton": "i32", "K": "constexpr", "KP": "constexpr",
+                    "REFINE": "constexpr", "LINE_N": "constexpr", "ALPHA_ONE": "constexpr",
+                }
+                consts = {"K": k, "KP": max(2, next_pow2(k)), "REFINE": fair.REFINE_STEPS,
+                          "LINE_N": fair.LINE, "ALPHA_ONE": alpha_one}  # fmt: skip
+                yield f"fair_weights {dt} K={k} alpha_one={alpha_one}", fair._fair_kernel, sig, \
+                    consts, {"num_warps": 1 if k <= 16 else 4}
+
 
 def main() -> int:
     failed = 0

@@ -1,5 +1,5 @@
 """The package surface gradbal._ops and the solvers rely on: AVAILABLE, gram,
-gram_with_nonfinite, combine, graddrop, jacobi_eigh, min_norm, mokd_weights, dual_cone; importable without Triton; the ops layer's backend="triton" reaches these kernels."""
+gram_with_nonfinite, combine, graddrop, jacobi_eigh, min_norm, mokd_weights, dual_cone, fair_weights; importable without Triton; the ops layer's backend="triton" reaches these kernels."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def test_imports_without_triton():
         "             lambda: k.graddrop(torch.ones(2, 3), torch.rand(3), torch.empty(3)),\n"
         "             lambda: k.jacobi_eigh(torch.eye(3)), lambda: k.min_norm(torch.eye(3)),\n"
         "             lambda: k.dual_cone(torch.eye(3), torch.eye(3).double(), 1e-4),\n"
+        "             lambda: k.fair_weights(torch.eye(3)),\n"
         "             lambda: k.mokd_weights(torch.eye(3), torch.ones(3))):\n"
         "    try:\n"
         "        call()\n"

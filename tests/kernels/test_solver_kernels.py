@@ -11,14 +11,22 @@ import torch
 from _small_k import FakeCuda
 
 from gradbal import _solver_kernels
-from gradbal._solver_kernels import DUAL_CONE, EIGH, MAX_K, MIN_NORM, MOKD_WEIGHTS, SolverKernel
+from gradbal._solver_kernels import (
+    DUAL_CONE,
+    EIGH,
+    FAIR,
+    MAX_K,
+    MIN_NORM,
+    MOKD_WEIGHTS,
+    SolverKernel,
+)
 
-ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE]
+ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR]
 
 
 def test_max_k_is_the_kernels():
     # (the package's names min_norm, dual_cone are the functions: import the modules)
-    mods = [importlib.import_module(f"gradbal.kernels.{m}") for m in ("eigh", "min_norm", "dual_cone")]
+    mods = [importlib.import_module(f"gradbal.kernels.{m}") for m in ("eigh", "min_norm", "dual_cone", "fair")]
     assert {MAX_K, importlib.import_module("gradbal.kernels._launch").KXK_MAX_K} == {32}
     assert all(mod.MAX_K == MAX_K for mod in mods)
 
