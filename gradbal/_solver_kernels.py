@@ -2,7 +2,8 @@
 
 The solvers of :mod:`gradbal.solvers`, :mod:`gradbal.solvers_qp` and MoKD's weights each have
 a one-launch kernel in :mod:`gradbal.kernels` (``jacobi_eigh``, ``min_norm``,
-``mokd_weights``, ``dual_cone``, ``fair_weights``) beside their torch ops. One rule decides for all of them
+``mokd_weights``, ``dual_cone``, ``fair_weights``, ``pcgrad_weights``,
+``gradvac_weights``) beside their torch ops. One rule decides for all of them
 (:class:`SolverKernel`): the kernel runs for a Gram matrix that
 
 * lives on a CUDA device (on the CPU the torch ops have no launches to save);
@@ -22,7 +23,10 @@ from torch import Tensor
 
 from ._ops import env_backend, kernel_function, warn_kernel_failure
 
-__all__ = ["DUAL_CONE", "EIGH", "FAIR", "MAX_K", "MIN_NORM", "MOKD_WEIGHTS", "SolverKernel", "kernel_input"]
+__all__ = [
+    "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "MAX_K", "MIN_NORM", "MOKD_WEIGHTS", "PCGRAD", "SolverKernel",
+    "kernel_input",
+]
 
 #: Largest K of the K x K kernels (``gradbal.kernels._launch.KXK_MAX_K``, kept here so that
 #: choosing a path imports no Triton; tests/kernels/test_kernel_package.py checks they agree).
@@ -106,3 +110,7 @@ DUAL_CONE = SolverKernel("dual_cone", "the Triton dual-cone kernel", "the torch 
 #: :func:`gradbal.solvers_qp.fair_weights` (FairGrad, Nash-MTL); K = 2 with alpha = 1 is a
 #: closed form.
 FAIR = SolverKernel("fair_weights", "the Triton FairGrad kernel", "the torch solvers", k_min=3)
+#: :class:`gradbal.methods.PCGrad`'s rounds; K = 2 is a closed form of three ops.
+PCGRAD = SolverKernel("pcgrad_weights", "the Triton PCGrad kernel", "the torch ops", k_min=3)
+#: :class:`gradbal.methods.GradVac`'s rounds (its K = 2 form is still ~30 ops).
+GRADVAC = SolverKernel("gradvac_weights", "the Triton GradVac kernel", "the torch ops", k_min=2)

@@ -18,13 +18,16 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   :func:`mokd_weights` fuses MoKD's loss scaling, magnitude and clipping around it.
 * :func:`dual_cone` (:mod:`.dual_cone`): UPGrad's and DualProj's projections onto the dual cone
   (one program per projected vector, K <= 32), the same active-set machinery, one launch.
+* :func:`pcgrad_weights`, :func:`gradvac_weights` (:mod:`.surgery`): PCGrad's and GradVac's
+  K - 1 rounds of gradient surgery in coefficient space, one launch.
 * :func:`fair_weights` (:mod:`.fair`): FairGrad's and Nash-MTL's ``G w = w^(-1/alpha)`` by damped
   and undamped Newton steps (each solve a swept [K, K] tile in registers), one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
 :func:`jacobi_eigh`, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
 ``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, ``gradbal.solvers_qp.fair_weights``
-to :func:`fair_weights` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
+to :func:`fair_weights`, ``gradbal.methods.PCGrad`` / ``GradVac`` to :func:`pcgrad_weights` /
+:func:`gradvac_weights` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
 (``gradbal._solver_kernels`` says when), for CUDA tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
@@ -33,8 +36,8 @@ Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU ten
 from __future__ import annotations
 
 __all__ = [
-    "AVAILABLE", "combine", "dual_cone", "fair_weights", "graddrop", "gram", "gram_with_nonfinite", "jacobi_eigh",
-    "min_norm", "mokd_weights",
+    "AVAILABLE", "combine", "dual_cone", "fair_weights", "graddrop", "gradvac_weights", "gram",
+    "gram_with_nonfinite", "jacobi_eigh", "min_norm", "mokd_weights", "pcgrad_weights",
 ]
 
 try:
@@ -45,6 +48,7 @@ try:
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
     from .min_norm import min_norm, mokd_weights
+    from .surgery import gradvac_weights, pcgrad_weights
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
     if not (_err.name or "").startswith("triton"):
         raise
@@ -73,6 +77,12 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def fair_weights(gram, alpha=1.0, iterations=8, ridge=1e-8, newton=4):
+        raise RuntimeError(_REASON)
+
+    def pcgrad_weights(gram, order):
+        raise RuntimeError(_REASON)
+
+    def gradvac_weights(gram, target, order, beta, eps, on_conflict=False):
         raise RuntimeError(_REASON)
 
     def mokd_weights(gram, losses, log_scale=True, loss_floor=1e-6, mean_loss=True,

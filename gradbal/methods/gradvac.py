@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._solver_kernels import GRADVAC
 from ..solvers_qp import _eye
 from ._base import Method
 from ._common import to_device
@@ -59,7 +60,8 @@ class GradVac(Method):
     parallel (K - 1 rounds, no host sync); the orders come from the optimizer's generator.
     K = 2 has a single round, done for both pairs at once as K x K arrays (32 small ops where
     the rounds take 54; the same bits). The orders are drawn at every K, K = 2 included (where
-    they are forced), so the generator advances alike at every K.
+    they are forced), so the generator advances alike at every K. On CUDA (K <= 32) the rounds
+    run as one Triton launch (:func:`gradbal.kernels.gradvac_weights`; equal to rounding).
 
     State (in the optimizer's ``state_dict``): the K x K targets ``phi_hat`` (left unchanged
     by a step whose Gram matrix is not finite).
@@ -103,6 +105,15 @@ class GradVac(Method):
         # The orders' draw is made at K = 2 too, where the order is forced: the generator (in
         # the optimizer's checkpoint, and the caller's to share) advances as at every K.
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
+        if GRADVAC.usable(g):
+            # CUDA, 2 <= K <= 32: the rounds below in one launch (gradbal.kernels.gradvac_weights).
+            keys.fill_diagonal_(2.0)
+            order = to_device(keys.argsort(dim=1)[:, : k - 1].contiguous(), device)
+            t64 = target if target.dtype == torch.float64 else target.to(torch.float64)
+            out = GRADVAC.run(g, t64, order, self.beta, self.eps, self.ema_update == "on_conflict")
+            if out is not None:
+                w, self._target = out
+                return w if gram.dtype == torch.float64 else w.to(gram.dtype)
         norms = torch.sqrt(g.diagonal().clamp_min(0))
         # Any non-finite entry of G makes every cosine NaN: no pair conflicts (w = 1) and no
         # target moves (a skipped step must not poison the state).

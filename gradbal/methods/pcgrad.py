@@ -7,6 +7,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .._solver_kernels import PCGRAD
 from ._base import Method
 from ._common import to_device
 from ._registry import register_method
@@ -33,6 +34,8 @@ class PCGrad(Method):
     ``<g_i', g_j> = (C G)[i, j]``. The whole surgery is K x K work on the Gram matrix, all
     objectives advance in parallel (K - 1 vectorised rounds), and ``w = sum_i C[i]``.
     The orders are drawn from the ``generator`` the optimizer passes (seeded, checkpointed).
+    On CUDA (3 <= K <= 32, float64 G) the rounds run as one Triton launch
+    (:func:`gradbal.kernels.pcgrad_weights`, the same orders; equal to rounding).
 
     For K = 2 each gradient has one other to project on, so in closed form
     ``w_1 = 1 - min(0, G_21) / G_11``, ``w_2 = 1 - min(0, G_12) / G_22`` (a zero gradient,
@@ -62,6 +65,13 @@ class PCGrad(Method):
         # Drawn at K = 2 too, where the order is forced: the generator (in the optimizer's
         # checkpoint, and the caller's to share) advances by the same draw at every K.
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
+        if gram.dtype == torch.float64 and PCGRAD.usable(gram):
+            # CUDA, 3 <= K <= 32: the rounds below in one launch (gradbal.kernels.pcgrad_weights).
+            keys.fill_diagonal_(2.0)
+            order = to_device(keys.argsort(dim=1)[:, : k - 1].contiguous(), gram.device)
+            w = PCGRAD.run(gram, order)
+            if w is not None:
+                return w / k if self.reduction == "mean" else w
         sq_norms = gram.diagonal()
         # 1 / ||g_j||^2, and 0 for a zero gradient (nothing to project on); the 1 / 0 = inf
         # that where() discards is never multiplied. A subnormal ||g_j||^2 counts as zero:

@@ -188,6 +188,25 @@ def variants():
                 yield f"fair_weights {dt} K={k} alpha_one={alpha_one}", fair._fair_kernel, sig, \
                     consts, {"num_warps": 1 if k <= 16 else 4}
 
+    # PCGrad's and GradVac's rounds (float64 G; GradVac from K = 2, PCGrad from K = 3).
+    surgery = importlib.import_module("gradbal.kernels.surgery")
+    for k in [2, 3, 5, 8, 16, 32]:
+        options = {"num_warps": 1 if k <= 16 else 4}
+        consts = {"K": k, "KP": max(2, next_pow2(k))}
+        if k >= 3:
+            sig = {"g_ptr": "*fp64", "stride_r": "i64", "stride_c": "i64", "order_ptr": "*i64",
+                   "w_ptr": "*fp64", "K": "constexpr", "KP": "constexpr"}  # fmt: skip
+            yield f"pcgrad_weights K={k}", surgery._pcgrad_kernel, sig, consts, options
+        for on_conflict in [False, True]:
+            sig = {
+                "g_ptr": "*fp64", "stride_r": "i64", "stride_c": "i64", "order_ptr": "*i64",
+                "target_ptr": "*fp64", "w_ptr": "*fp64", "new_target_ptr": "*fp64",
+                "beta_hi": "fp32", "beta_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32",
+                "K": "constexpr", "KP": "constexpr", "ON_CONFLICT": "constexpr",
+            }
+            yield (f"gradvac_weights K={k} on_conflict={on_conflict}", surgery._gradvac_kernel, sig,
+                   {**consts, "ON_CONFLICT": on_conflict}, options)  # fmt: skip
+
 
 def main() -> int:
     failed = 0

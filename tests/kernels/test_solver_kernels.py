@@ -15,18 +15,21 @@ from gradbal._solver_kernels import (
     DUAL_CONE,
     EIGH,
     FAIR,
+    GRADVAC,
     MAX_K,
     MIN_NORM,
     MOKD_WEIGHTS,
+    PCGRAD,
     SolverKernel,
 )
 
-ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR]
+ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR, PCGRAD, GRADVAC]
 
 
 def test_max_k_is_the_kernels():
     # (the package's names min_norm, dual_cone are the functions: import the modules)
-    mods = [importlib.import_module(f"gradbal.kernels.{m}") for m in ("eigh", "min_norm", "dual_cone", "fair")]
+    names = ("eigh", "min_norm", "dual_cone", "fair", "surgery")
+    mods = [importlib.import_module(f"gradbal.kernels.{m}") for m in names]
     assert {MAX_K, importlib.import_module("gradbal.kernels._launch").KXK_MAX_K} == {32}
     assert all(mod.MAX_K == MAX_K for mod in mods)
 
