@@ -3,7 +3,7 @@
 The solvers of :mod:`gradbal.solvers`, :mod:`gradbal.solvers_qp` and MoKD's weights each have
 a one-launch kernel in :mod:`gradbal.kernels` (``jacobi_eigh``, ``min_norm``,
 ``mokd_weights``, ``dual_cone``, ``fair_weights``, ``pcgrad_weights``,
-``gradvac_weights``) beside their torch ops. One rule decides for all of them
+``gradvac_weights``, ``cagrad_direction``) beside their torch ops. One rule decides for all of them
 (:class:`SolverKernel`): the kernel runs for a Gram matrix that
 
 * lives on a CUDA device (on the CPU the torch ops have no launches to save);
@@ -24,7 +24,7 @@ from torch import Tensor
 from ._ops import env_backend, kernel_function, warn_kernel_failure
 
 __all__ = [
-    "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "MAX_K", "MIN_NORM", "MOKD_WEIGHTS", "PCGRAD", "SolverKernel",
+    "CAGRAD", "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "MAX_K", "MIN_NORM", "MOKD_WEIGHTS", "PCGRAD", "SolverKernel",
     "kernel_input",
 ]
 
@@ -114,3 +114,5 @@ FAIR = SolverKernel("fair_weights", "the Triton FairGrad kernel", "the torch sol
 PCGRAD = SolverKernel("pcgrad_weights", "the Triton PCGrad kernel", "the torch ops", k_min=3)
 #: :class:`gradbal.methods.GradVac`'s rounds (its K = 2 form is still ~30 ops).
 GRADVAC = SolverKernel("gradvac_weights", "the Triton GradVac kernel", "the torch ops", k_min=2)
+#: :class:`gradbal.methods.CAGrad`'s inner problem and direction (its K = 2 form is ~34 ops).
+CAGRAD = SolverKernel("cagrad_direction", "the Triton CAGrad kernel", "the torch solvers", k_min=2)

@@ -20,14 +20,16 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   (one program per projected vector, K <= 32), the same active-set machinery, one launch.
 * :func:`pcgrad_weights`, :func:`gradvac_weights` (:mod:`.surgery`): PCGrad's and GradVac's
   K - 1 rounds of gradient surgery in coefficient space, one launch.
+* :func:`cagrad_direction` (:mod:`.cagrad`): CAGrad's inner problem (a primal active-set
+  method over the faces of the simplex, each face in closed form) and its direction, one launch.
 * :func:`fair_weights` (:mod:`.fair`): FairGrad's and Nash-MTL's ``G w = w^(-1/alpha)`` by damped
   and undamped Newton steps (each solve a swept [K, K] tile in registers), one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
 :func:`jacobi_eigh`, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
 ``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, ``gradbal.solvers_qp.fair_weights``
-to :func:`fair_weights`, ``gradbal.methods.PCGrad`` / ``GradVac`` to :func:`pcgrad_weights` /
-:func:`gradvac_weights` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
+to :func:`fair_weights`, ``gradbal.methods.PCGrad`` / ``GradVac`` / ``CAGrad`` to :func:`pcgrad_weights` /
+:func:`gradvac_weights` / :func:`cagrad_direction` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
 (``gradbal._solver_kernels`` says when), for CUDA tensors when :data:`AVAILABLE`. This package
 imports without Triton; then ``AVAILABLE`` is False and the functions raise ``RuntimeError``.
 Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU tensors.
@@ -36,11 +38,12 @@ Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU ten
 from __future__ import annotations
 
 __all__ = [
-    "AVAILABLE", "combine", "dual_cone", "fair_weights", "graddrop", "gradvac_weights", "gram",
+    "AVAILABLE", "cagrad_direction", "combine", "dual_cone", "fair_weights", "graddrop", "gradvac_weights", "gram",
     "gram_with_nonfinite", "jacobi_eigh", "min_norm", "mokd_weights", "pcgrad_weights",
 ]
 
 try:
+    from .cagrad import cagrad_direction
     from .combine import combine
     from .dual_cone import dual_cone
     from .eigh import jacobi_eigh
@@ -77,6 +80,9 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def fair_weights(gram, alpha=1.0, iterations=8, ridge=1e-8, newton=4):
+        raise RuntimeError(_REASON)
+
+    def cagrad_direction(gram, c, norm_eps, divisor=1.0, max_iter=None):
         raise RuntimeError(_REASON)
 
     def pcgrad_weights(gram, order):

@@ -23,7 +23,7 @@ refinement against Q itself; if that z is > 0 on F it becomes the iterate and th
 with the most negative multiplier ``(Q v)_i`` joins F (none below ``-TOL x sum|u|``:
 optimal, stop); otherwise the iterate moves towards it as far as z >= 0 allows and the
 index that reaches 0 leaves F. The objective never increases; at most ``max_iter`` (default
-4K + 8) iterations run, the later ones masked once it has converged. Q is positive definite
+4K + 8) iterations run; the loop stops once it has converged. Q is positive definite
 (reg >= 1e-10 of a unit trace; TorchJD's default 1e-4 keeps its condition number below
 ~1e4), so every solve is well posed.
 
@@ -165,7 +165,9 @@ def _dual_cone_kernel(
     free = tl.zeros([KP], dtype=tl.float64)
     z = tl.zeros([KP], dtype=tl.float64)
     done = tl.sum(free, axis=0) < 0  # False, as a tensor the loop can carry
-    for _it in range(max_iter):
+    it = 0
+    while (it < max_iter) & ~done:  # stops at convergence (no masked iterations after it)
+        it += 1
         # z on F: Q_FF z_F = -(Q u)_F, i.e. z_F = A_FF (Q u)_F on the swept tile, refined.
         y = tl.sum(swept * (qu * free)[None, :], axis=1) * free
         for _r in tl.static_range(REFINE):

@@ -27,7 +27,7 @@ the current support S, ``x_S = q_SS^-1 a_S / (a_S^T q_SS^-1 a_S)`` (objective
 S with the most negative KKT multiplier ``(q x)_i / a_i - obj`` joins S (none below
 ``-TOL x obj``: optimal, stop); otherwise the iterate moves towards it as far as x >= 0
 allows and the index that reaches 0 leaves S. The objective never increases; at most
-``max_iter`` (default 4K + 8) iterations run, the later ones masked once it has converged.
+``max_iter`` (default 4K + 8) iterations run; the loop stops once it has converged.
 
 ``q_SS^-1`` is never formed from scratch: the matrix is kept *swept* on S (:mod:`._sweep`:
 ``A_SS = -q_SS^-1``), so each change of S is one rank-one update of the [KP, KP] tile (one row
@@ -186,7 +186,9 @@ def _simplex_weights(sym, max_iter, ii, jj, r, K: tl.constexpr, REFINE: tl.const
     in_s = tl.where(r == i0, 1.0, 0.0)
     x = tl.where(r == i0, tl.sqrt(dg), 0.0)  # the vertex e_i0 / a_i0: a^T x = 1
     done = i0 < 0  # False, as a tensor the loop can carry
-    for _it in range(max_iter):
+    it = 0
+    while (it < max_iter) & ~done:  # stops at convergence (no masked iterations after it)
+        it += 1
         # The equality problem on S: y = q_SS^-1 a_S = -A_SS a_S, v = y / (a^T y), then
         # REFINE steps of iterative refinement against q itself (see the module docstring).
         y = -tl.sum(swept * (a * in_s)[None, :], axis=1) * in_s

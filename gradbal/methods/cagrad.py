@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._solver_kernels import CAGRAD
 from ..solvers_qp import CAGRAD_ITERATIONS, cagrad_direction_2, cagrad_weights
 from ._base import Method
 from ._registry import register_method
@@ -68,6 +69,13 @@ class CAGrad(Method):
     def weights(self, gram, losses, generator=None):
         k = gram.shape[-1]
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+        if self.c > 0 and self.iterations == CAGRAD_ITERATIONS and CAGRAD.usable(gram):
+            # CUDA, 2 <= K <= 32: inner problem and direction in one launch
+            # (gradbal.kernels.cagrad_direction).
+            out = CAGRAD.run(gram, self.c, self.norm_eps, divisor)
+            if out is not None:
+                w = out[0]
+                return w if w.dtype == gram.dtype else w.to(gram.dtype)
         if self.c == 0:
             w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
         elif k == 2:

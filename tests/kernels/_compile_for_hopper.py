@@ -207,6 +207,20 @@ def variants():
             yield (f"gradvac_weights K={k} on_conflict={on_conflict}", surgery._gradvac_kernel, sig,
                    {**consts, "ON_CONFLICT": on_conflict}, options)  # fmt: skip
 
+    # CAGrad's inner problem and direction (K >= 2 on CUDA).
+    cagrad = importlib.import_module("gradbal.kernels.cagrad")
+    for k in [2, 3, 5, 8, 16, 32]:
+        for dt in ["fp64", "fp32"]:
+            sig = {
+                "g_ptr": f"*{dt}", "stride_r": "i64", "stride_c": "i64", "w_ptr": "*fp64",
+                "c_hi": "fp32", "c_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32", "div_hi": "fp32",
+                "div_lo": "fp32", "max_iter": "i32", "K": "constexpr", "KP": "constexpr",
+                "REFINE": "constexpr",
+            }
+            consts = {"K": k, "KP": max(2, next_pow2(k)), "REFINE": cagrad.REFINE_STEPS}
+            yield f"cagrad_direction {dt} K={k}", cagrad._cagrad_kernel, sig, consts, \
+                {"num_warps": 1 if k <= 16 else 4}
+
 
 def main() -> int:
     failed = 0

@@ -1,6 +1,7 @@
 """Shared by the K x K kernels' tests (test_kernel_min_norm, test_kernel_dual_cone,
-test_kernel_eigh): Gram matrices of the degenerate kinds the solvers must survive, and a
-stand-in for a CUDA tensor's metadata."""
+test_kernel_eigh, test_kernel_fair, test_kernel_surgery, test_kernel_cagrad): Gram matrices
+(and their gradient rows) of the degenerate kinds the solvers must survive, and a stand-in for
+a CUDA tensor's metadata."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import numpy as np
 
 
 def gram_case(kind: str, k: int, seed: int) -> np.ndarray:
-    """A [k, k] Gram matrix X X^T of the given kind (float64)."""
+    """A [k, k] Gram matrix X X^T of the given kind (float64): X = :func:`jacobian_case`."""
+    x = jacobian_case(kind, k, seed)
+    return x @ x.T
+
+
+def jacobian_case(kind: str, k: int, seed: int) -> np.ndarray:
+    """The gradient rows X (float64) of :func:`gram_case`'s matrix of the given kind."""
     rng = np.random.default_rng(100 * seed + k + 7 * len(kind))
     x = rng.standard_normal((k, 3 * k))
     if kind == "random":
@@ -31,7 +38,7 @@ def gram_case(kind: str, k: int, seed: int) -> np.ndarray:
         x[:] = 0
     else:
         raise ValueError(kind)
-    return x @ x.T
+    return x
 
 
 WELL = ["random", "conflicting"]

@@ -1,5 +1,6 @@
 """The package surface gradbal._ops and the solvers rely on: AVAILABLE, gram,
-gram_with_nonfinite, combine, graddrop, jacobi_eigh, min_norm, mokd_weights, dual_cone, fair_weights; importable without Triton; the ops layer's backend="triton" reaches these kernels."""
+gram_with_nonfinite, combine, graddrop, jacobi_eigh, min_norm, mokd_weights, dual_cone, fair_weights,
+pcgrad_weights, gradvac_weights, cagrad_direction; importable without Triton; the ops layer's backend="triton" reaches these kernels."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def test_imports_without_triton():
         "             lambda: k.jacobi_eigh(torch.eye(3)), lambda: k.min_norm(torch.eye(3)),\n"
         "             lambda: k.dual_cone(torch.eye(3), torch.eye(3).double(), 1e-4),\n"
         "             lambda: k.fair_weights(torch.eye(3)),\n"
+        "             lambda: k.pcgrad_weights(torch.eye(3), torch.zeros(3, 2).long()),\n"
+        "             lambda: k.cagrad_direction(torch.eye(3), 0.5, 1e-4),\n"
         "             lambda: k.mokd_weights(torch.eye(3), torch.ones(3))):\n"
         "    try:\n"
         "        call()\n"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _small_k import DEGENERATE, WELL
+from _small_k import jacobian_case as jacobian
 
 from gradbal import _solver_kernels
 from gradbal._solver_kernels import GRADVAC, PCGRAD
@@ -23,29 +24,6 @@ KINDS = WELL + [kind for kind in DEGENERATE if kind != "zero"] + ["zero"]
 @pytest.fixture(scope="module")
 def sk_mod():
     return importlib.import_module("gradbal.kernels.surgery")
-
-
-def jacobian(kind: str, k: int, seed: int) -> np.ndarray:
-    """Explicit gradient rows of the kinds of _small_k.gram_case (whose G = J J^T)."""
-    rng = np.random.default_rng(100 * seed + k + 7 * len(kind))
-    x = rng.standard_normal((k, 3 * k))
-    if kind == "conflicting":
-        x[1:] += 0.5 * x[:1]
-        x[1::2] -= 1.5 * x[:1]
-        x *= np.logspace(-2, 2, k)[:, None]
-    elif kind == "rank_deficient":
-        x = rng.standard_normal((k, max(1, k // 2)))
-    elif kind == "equal_rows":
-        x[-1] = x[0]
-    elif kind == "opposite_rows":
-        x[-1] = -x[0]
-    elif kind == "zero_row":
-        x[k // 2] = 0
-    elif kind == "mixed_norms":
-        x *= np.logspace(-4, 4, k)[rng.permutation(k)][:, None]
-    elif kind == "zero":
-        x[:] = 0
-    return x
 
 
 def random_order(k: int, seed: int) -> np.ndarray:

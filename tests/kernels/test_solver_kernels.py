@@ -12,6 +12,7 @@ from _small_k import FakeCuda
 
 from gradbal import _solver_kernels
 from gradbal._solver_kernels import (
+    CAGRAD,
     DUAL_CONE,
     EIGH,
     FAIR,
@@ -23,12 +24,12 @@ from gradbal._solver_kernels import (
     SolverKernel,
 )
 
-ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR, PCGRAD, GRADVAC]
+ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR, PCGRAD, GRADVAC, CAGRAD]
 
 
 def test_max_k_is_the_kernels():
     # (the package's names min_norm, dual_cone are the functions: import the modules)
-    names = ("eigh", "min_norm", "dual_cone", "fair", "surgery")
+    names = ("eigh", "min_norm", "dual_cone", "fair", "surgery", "cagrad")
     mods = [importlib.import_module(f"gradbal.kernels.{m}") for m in names]
     assert {MAX_K, importlib.import_module("gradbal.kernels._launch").KXK_MAX_K} == {32}
     assert all(mod.MAX_K == MAX_K for mod in mods)
