@@ -110,7 +110,7 @@ def test_direction_is_the_methods(ck_mod, device, k):
             g = gram_case(kind, k, 1)
             w, w_opt = ck_mod.cagrad_direction(torch.tensor(g, device=device), c, m.norm_eps, divisor)
             w, w_opt = w.cpu().numpy(), w_opt.cpu().numpy()
-            gn, a, phi, _ = problem(g, c)
+            gn, _, phi, _ = problem(g, c)
             r = np.sqrt(max(w_opt @ gn @ w_opt, 0.0))
             expect = np.zeros(k) if r <= m.norm_eps else (phi / r * w_opt + 1.0 / k) / divisor
             assert np.abs(w - expect).max() <= 1e-12 * max(np.abs(expect).max(), 1.0), (kind, c)
