@@ -592,8 +592,14 @@ def _cagrad_face_raw(g: Tensor, a: Tensor, phi: Tensor, mm: Tensor, off: Tensor)
     ``w_S = (mu p - q) / sqrt(disc)``, ``disc = s_q^2 - s_p (t - phi^2)``.
 
     g: [K, K] (ridged); a: [K]; phi: []; mm = m m^T and off = diag(1 - m), [F, K, K], for
-    the face masks m [F, K]. Returns (raw [F, K]: the stationary point, zero off the face,
-    not clamped; solved [F]: it exists and is finite).
+    the face masks m [F, K]. Returns (raw [2F, K]: the stationary points, zero off the face,
+    not clamped, then the faces' min-norm points ``p / s_p``; solved [2F]: each exists and is
+    finite).
+
+    The min-norm points are candidates for gradients that are (nearly) Pareto-stationary:
+    there F's minimum sits at its kink ``||J^T w|| = 0``, where no stationary point exists (on
+    K = 12 with two opposite rows and c = 0.5 the stationary points and the interior point
+    alone left F = 2.2e-3 above that minimum, and a nonzero direction where it is 0).
     """
     ones_a = torch.stack([torch.ones_like(a), a])  # [2, K]
     # Off the face the rows are the identity's and the right-hand side 0 (mm's diagonal is
@@ -606,8 +612,9 @@ def _cagrad_face_raw(g: Tensor, a: Tensor, phi: Tensor, mm: Tensor, off: Tensor)
     # Unguarded divisions: a face with s_p <= 0 or disc <= 0 gives inf/NaN here and is
     # marked unsolved (torch.where never lets an unselected NaN through).
     mu = (s_q + root) / s_p
-    raw = (x @ torch.stack([mu / root, -1 / root], -1).unsqueeze(-1)).squeeze(-1)
-    solved = (disc > 0) & (s_p > 0) & torch.isfinite(raw.sum(-1))
+    coef = torch.stack([torch.stack([mu / root, -1 / root], -1), torch.stack([1 / s_p, 0 * s_p], -1)])
+    raw = (x @ coef.unsqueeze(-1)).squeeze(-1).flatten(0, 1)  # [2F, K]
+    solved = torch.cat([disc > 0, s_p > 0]) & (s_p > 0).repeat(2) & torch.isfinite(raw.sum(-1))
     return raw, solved
 
 
