@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import least_squares, minimize, nnls
 
+from gradbal.methods import CAGrad
 from gradbal.solvers_qp import (
     cagrad_weights,
     fair_weights,
@@ -493,3 +494,20 @@ def test_fair_weights_stress_set(alpha):
         errors.append(_backward_error(g, w, alpha))
     assert sum(e > 1e-10 for e in errors) <= len(errors) // 8, sorted(errors)[-8:]
     assert max(errors) <= 0.2
+
+
+@pytest.mark.parametrize("k", [5, 12])
+def test_cagrad_pareto_stationary_has_a_zero_direction(k):
+    """Two opposite gradients among K: 0 is in their hull, and for c = 0.5 F's minimum (0) sits
+    at its kink ||g_w|| = 0, where no face has a stationary point: the faces' min-norm points
+    reach it (before they were candidates, K = 12 stopped at ||g_w|| = 0.11, F = 2.2e-3, and
+    CAGrad returned a nonzero direction)."""
+    gen = torch.Generator().manual_seed(k)
+    j = torch.randn(k, 3 * k, generator=gen, dtype=F64)
+    j[-1] = -j[0]
+    g = j @ j.T
+    w, r, phi = cagrad_weights(g, 0.5)
+    gn = g / torch.trace(g)
+    f = float(gn.mean(1) @ w + phi * torch.sqrt((w @ gn @ w).clamp_min(0)))
+    assert float(r) <= 1e-4 and abs(f) <= 1e-8
+    assert torch.equal(CAGrad(c=0.5).weights(g, None), torch.zeros(k, dtype=F64))
