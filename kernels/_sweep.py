@@ -21,12 +21,32 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "active_set_step", "check_max_iter", "fp32_pair", "launch_meta", "sweep_pivot", "sweep_reference",
+    "active_set_step", "check_max_iter", "f64_arg", "fp32_pair", "launch_meta", "load_sym", "sweep_pivot",
+    "sweep_reference",
 ]
 
 _INF = tl.constexpr(float("inf"))
 _TINY = tl.constexpr(1e-300)
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)
+
+
+@triton.jit
+def load_sym(src, stride_r, stride_c, ii, jj, valid):
+    """(G + G^T) / 2 of the [K, K] matrix at ``src`` (any strides, float64 or float32) as a
+    float64 [KP, KP] tile, 0 outside K x K (``valid``); non-finite entries read as 0. G and
+    G^T come from the same buffer, so the tile is exactly symmetric, and its diagonal is G's."""
+    x0 = tl.load(src + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
+    x0t = tl.load(src + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
+    x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)
+    x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
+    return 0.5 * x0 + 0.5 * x0t
+
+
+@triton.jit
+def f64_arg(hi, lo):
+    """A float64 parameter passed as the fp32 pair of :func:`fp32_pair` (Triton passes Python
+    floats to a kernel as fp32)."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
 
 
 @triton.jit

@@ -47,7 +47,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
-from ._sweep import active_set_step, check_max_iter, fp32_pair, launch_meta, sweep_pivot
+from ._sweep import (
+    active_set_step,
+    check_max_iter,
+    f64_arg,
+    fp32_pair,
+    launch_meta,
+    load_sym,
+    sweep_pivot,
+)
 
 __all__ = ["MAX_K", "cagrad_direction", "default_max_iter"]
 
@@ -68,7 +76,6 @@ RIDGE_FLOOR = 1e-18
 _TOL = tl.constexpr(TOL)
 _RIDGE_C = tl.constexpr(RIDGE)
 _FLOOR = tl.constexpr(RIDGE_FLOOR)
-_DBL_MAX = tl.constexpr(1.7976931348623157e308)
 _INF = tl.constexpr(float("inf"))
 
 # Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
@@ -103,16 +110,13 @@ def _cagrad_kernel(
     jj = r[None, :]
     valid = (ii < K) & (jj < K)
     live = r < K
-    x0 = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0t = tl.load(g_ptr + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)  # non-finite entries read as 0
-    x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
-    c = tl.cast(c_hi, tl.float64) + tl.cast(c_lo, tl.float64)
-    norm_eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
-    divisor = tl.cast(div_hi, tl.float64) + tl.cast(div_lo, tl.float64)
-    tr = tl.sum(tl.sum(tl.where(ii == jj, x0, 0.0), axis=1), axis=0)
+    sym = load_sym(g_ptr, stride_r, stride_c, ii, jj, valid)  # non-finite entries read as 0
+    c = f64_arg(c_hi, c_lo)
+    norm_eps = f64_arg(eps_hi, eps_lo)
+    divisor = f64_arg(div_hi, div_lo)
+    tr = tl.sum(tl.sum(tl.where(ii == jj, sym, 0.0), axis=1), axis=0)
     tr = tl.where(tr > 0, tr, 1.0)
-    g = (0.5 * x0 + 0.5 * x0t) / tr
+    g = sym / tr
     # The ridge is relative to each diagonal entry (plus a floor for zero rows): an absolute one
     # would move the solution by up to 4% where a gradient's squared norm is 1e-8 of the
     # trace (norms 1e-2 and 1e2: K = 2 in the tests).

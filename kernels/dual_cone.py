@@ -39,7 +39,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
-from ._sweep import active_set_step, check_max_iter, fp32_pair, launch_meta, sweep_reference
+from ._sweep import (
+    active_set_step,
+    check_max_iter,
+    f64_arg,
+    fp32_pair,
+    launch_meta,
+    load_sym,
+    sweep_reference,
+)
 
 __all__ = ["MAX_K", "default_max_iter", "dual_cone", "dual_cone_reference"]
 
@@ -55,7 +63,6 @@ TOL = 1e-12
 REFINE_STEPS = 2
 
 _TOL = tl.constexpr(TOL)
-_DBL_MAX = tl.constexpr(1.7976931348623157e308)
 _INF = tl.constexpr(float("inf"))
 
 # Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
@@ -138,17 +145,14 @@ def _dual_cone_kernel(
     jj = r[None, :]
     valid = (ii < K) & (jj < K)
     live_r = r < K
-    x0 = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0t = tl.load(g_ptr + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)
-    x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
-    tr = tl.sum(tl.sum(tl.where(ii == jj, x0, 0.0), axis=1), axis=0)
+    sym = load_sym(g_ptr, stride_r, stride_c, ii, jj, valid)  # non-finite entries read as 0
+    tr = tl.sum(tl.sum(tl.where(ii == jj, sym, 0.0), axis=1), axis=0)
     tr = tl.where(tr > 0, tr, 1.0)
     # Float arguments arrive as fp32: each float64 parameter comes as an fp32 pair hi + lo.
-    reg = tl.cast(reg_hi, tl.float64) + tl.cast(reg_lo, tl.float64)
-    norm_eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
+    reg = f64_arg(reg_hi, reg_lo)
+    norm_eps = f64_arg(eps_hi, eps_lo)
     keep = (norm_eps <= 0) | (tr >= norm_eps)  # TorchJD's rule: G counts as 0 below norm_eps
-    q = tl.where(keep, (0.5 * x0 + 0.5 * x0t) / tr, 0.0)
+    q = tl.where(keep, sym / tr, 0.0)
     q = q + tl.where((ii == jj) & valid, reg, 0.0)
     # Unit diagonal, v = D v' (D = diag(Q)^(-1/2), finite: diag(Q) >= reg > 0): the pivots are
     # then O(1) whatever the spread of gradient norms.

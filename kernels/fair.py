@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
-from ._sweep import fp32_pair, launch_meta, sweep_pivot
+from ._sweep import f64_arg, fp32_pair, launch_meta, load_sym, sweep_pivot
 
 __all__ = ["MAX_K", "fair_weights"]
 
@@ -52,7 +52,6 @@ REFINE_STEPS = 2
 #: Step lengths tried per damped step: t_max 2^-i for i < LINE - 1, and 0.
 LINE = 16
 
-_DBL_MAX = tl.constexpr(1.7976931348623157e308)
 _INF = tl.constexpr(float("inf"))
 
 # Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
@@ -109,21 +108,18 @@ def _fair_kernel(
     jj = r[None, :]
     valid = (ii < K) & (jj < K)
     live_r = r < K
-    x0 = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0t = tl.load(g_ptr + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)  # non-finite entries read as 0
-    x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
+    sym = load_sym(g_ptr, stride_r, stride_c, ii, jj, valid)  # non-finite entries read as 0
     # Float arguments arrive as fp32: each float64 parameter comes as an fp32 pair hi + lo.
-    alpha = tl.cast(alpha_hi, tl.float64) + tl.cast(alpha_lo, tl.float64)
-    ridge = tl.cast(ridge_hi, tl.float64) + tl.cast(ridge_lo, tl.float64)
+    alpha = f64_arg(alpha_hi, alpha_lo)
+    ridge = f64_arg(ridge_hi, ridge_lo)
     inv_alpha = 1.0 / alpha
     expo = -inv_alpha
     e = 1.0 - inv_alpha
     p_exp = alpha / (1.0 + alpha)
     # G / s + ridge I with s = trace(G) / K (1 for a zero trace).
-    tr = tl.sum(tl.sum(tl.where(ii == jj, x0, 0.0), axis=1), axis=0)
+    tr = tl.sum(tl.sum(tl.where(ii == jj, sym, 0.0), axis=1), axis=0)
     s = tl.where(tr > 0, tr / K, 1.0)
-    g = (0.5 * x0 + 0.5 * x0t) / s + tl.where((ii == jj) & valid, ridge, 0.0)
+    g = sym / s + tl.where((ii == jj) & valid, ridge, 0.0)
     diag = tl.sum(tl.where(ii == jj, g, 0.0), axis=1)
     # Start: G_ii^(-p) (diag >= ridge > 0), times the c minimising f(c w0).
     w0 = tl.where(live_r, tl.exp(-p_exp * tl.log(tl.where(live_r, diag, 1.0))), 0.0)

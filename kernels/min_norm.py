@@ -65,8 +65,10 @@ from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
 from ._sweep import (
     active_set_step,
     check_max_iter,
+    f64_arg,
     fp32_pair,
     launch_meta,
+    load_sym,
     sweep_pivot,
     sweep_reference,
 )
@@ -88,7 +90,6 @@ REFINE_STEPS = 2
 
 _RIDGE = tl.constexpr(RIDGE)
 _TOL = tl.constexpr(TOL)
-_DBL_MAX = tl.constexpr(1.7976931348623157e308)
 _INF = tl.constexpr(float("inf"))
 
 # Hook for every buffer this module allocates; tests swap it for a poisoning allocator.
@@ -154,18 +155,6 @@ def min_norm_reference(gram: Tensor, max_iter: int | None = None) -> Tensor:
 
 
 @triton.jit
-def _load_sym(src, stride_r, stride_c, ii, jj, valid):
-    """(G + G^T) / 2 of the [K, K] matrix at ``src`` (any strides) as a float64 [KP, KP] tile,
-    0 outside K x K; non-finite entries read as 0. G and G^T come from the same buffer, so the
-    tile is exactly symmetric."""
-    x0 = tl.load(src + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0t = tl.load(src + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
-    x0 = tl.where(tl.abs(x0) <= _DBL_MAX, x0, 0.0)
-    x0t = tl.where(tl.abs(x0t) <= _DBL_MAX, x0t, 0.0)
-    return 0.5 * x0 + 0.5 * x0t
-
-
-@triton.jit
 def _simplex_weights(sym, max_iter, ii, jj, r, K: tl.constexpr, REFINE: tl.constexpr):
     """The min-norm simplex weights of the symmetric tile ``sym`` (float64 [KP], 0 on padded
     lanes): the algorithm of the module docstring."""
@@ -223,7 +212,7 @@ def _min_norm_kernel(
     r = tl.arange(0, KP)
     ii = r[:, None]
     jj = r[None, :]
-    sym = _load_sym(g_ptr + pid.to(tl.int64) * stride_b, stride_r, stride_c, ii, jj,
+    sym = load_sym(g_ptr + pid.to(tl.int64) * stride_b, stride_r, stride_c, ii, jj,
                     (ii < K) & (jj < K))  # fmt: skip
     w = _simplex_weights(sym, max_iter, ii, jj, r, K, REFINE)
     tl.store(w_ptr + pid.to(tl.int64) * K + r, w, mask=r < K)
@@ -256,9 +245,9 @@ def _mokd_kernel(
     ii = r[:, None]
     jj = r[None, :]
     live_r = r < K
-    sym = _load_sym(g_ptr, stride_r, stride_c, ii, jj, (ii < K) & (jj < K))
+    sym = load_sym(g_ptr, stride_r, stride_c, ii, jj, (ii < K) & (jj < K))
     if LOG_SCALE:
-        floor = tl.cast(floor_hi, tl.float64) + tl.cast(floor_lo, tl.float64)
+        floor = f64_arg(floor_hi, floor_lo)
         losses = tl.load(l_ptr + r, mask=live_r, other=1.0).to(tl.float64)
         clamped = tl.maximum(losses, floor)
         inv = tl.where(live_r, 1.0 / clamped, 0.0)
@@ -269,7 +258,7 @@ def _mokd_kernel(
     else:
         w = _simplex_weights(sym, max_iter, ii, jj, r, K, REFINE)
     if CLIP:
-        max_norm = tl.cast(max_norm_hi, tl.float64) + tl.cast(max_norm_lo, tl.float64)
+        max_norm = f64_arg(max_norm_hi, max_norm_lo)
         sq = tl.sum(w * tl.sum(sym * w[None, :], axis=1), axis=0)
         norm = tl.sqrt(tl.maximum(sq, 0.0))
         w = w * tl.minimum(max_norm / tl.maximum(norm, 1e-30), 1.0)

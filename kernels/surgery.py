@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_MAX_K, check_kxk, next_pow2
-from ._sweep import fp32_pair
+from ._sweep import f64_arg, fp32_pair
 
 __all__ = ["MAX_K", "gradvac_weights", "pcgrad_weights"]
 
@@ -100,8 +100,8 @@ def _gradvac_kernel(
     valid = (ii < K) & (jj < K)
     g = _load_gram(g_ptr, stride_r, stride_c, ii, jj, K)
     target = tl.load(target_ptr + ii * K + jj, mask=valid, other=0.0)
-    beta = tl.cast(beta_hi, tl.float64) + tl.cast(beta_lo, tl.float64)
-    eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
+    beta = f64_arg(beta_hi, beta_lo)
+    eps = f64_arg(eps_hi, eps_lo)
     # Any non-finite entry of G makes every cosine NaN: no pair conflicts (w = 1) and no target
     # moves. (|x| <= DBL_MAX is False exactly for inf and NaN.)
     bad = tl.sum(tl.sum(tl.where(valid & ~(tl.abs(g) <= 1.7976931348623157e308), 1, 0), axis=1), axis=0)
