@@ -53,3 +53,33 @@ class FakeCuda:
 
     def __init__(self, k):
         self.shape = (k, k)
+
+
+def fall_back_once(monkeypatch, call, match: str):
+    """Make every K x K kernel fail (``gradbal._solver_kernels.kernel_function`` returns one that
+    raises, as on a GPU Triton cannot compile for), then check that ``call()`` warns once
+    (``match``), that a second call is silent, that the kernel was tried once, and that both
+    calls answer alike (the torch ops). Returns the answer."""
+    import warnings
+
+    import pytest
+    import torch
+
+    from gradbal import _solver_kernels
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no sm_xx support")
+
+    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
+    with pytest.warns(RuntimeWarning, match=match):
+        first = call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = call()
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(first),
+                                                 torch.utils._pytree.tree_leaves(second)))  # fmt: skip
+    return first

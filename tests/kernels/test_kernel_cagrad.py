@@ -6,15 +6,13 @@ CAGrad's torch ops, degenerate Gram matrices, and the dispatch from CAGrad."""
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from _small_k import DEGENERATE, WELL, gram_case, jacobian_case
+from _small_k import DEGENERATE, WELL, fall_back_once, gram_case, jacobian_case
 from scipy.optimize import minimize
 
-from gradbal import _solver_kernels
 from gradbal._solver_kernels import CAGRAD
 from gradbal.methods import CAGrad
 from gradbal.solvers_qp import cagrad_weights
@@ -188,19 +186,7 @@ def test_cagrad_method_uses_the_kernel_and_falls_back_once(monkeypatch, ck_mod):
     # c = 0 (the mean) and a non-default iteration count keep the torch ops.
     assert torch.equal(CAGrad(c=0.0).weights(g, None), torch.full((5,), 0.2, dtype=torch.float64))
     torch_w = CAGrad(c=0.4, rescale=2, iterations=25).weights(g, None)
-    calls = []
-
-    def broken(*args):
-        calls.append(1)
-        raise RuntimeError("no sm_xx support")
-
-    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
-    with pytest.warns(RuntimeWarning, match="CAGrad kernel failed.*torch solvers"):
-        w = m.weights(g, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        w2 = m.weights(g, None)
-    assert len(calls) == 1 and torch.equal(w, w2)
+    w = fall_back_once(monkeypatch, lambda: m.weights(g, None), "CAGrad kernel failed.*torch solvers")
     assert (w - torch_w).abs().max() <= 1e-8 * w.abs().max()
 
 

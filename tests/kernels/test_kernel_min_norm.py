@@ -12,15 +12,14 @@ compared on it.
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from _small_k import DEGENERATE, WELL, gram_case
+from _small_k import DEGENERATE, WELL, fall_back_once, gram_case
 
-from gradbal import _solver_kernels, solvers
+from gradbal import solvers
 from gradbal._solver_kernels import MIN_NORM, MOKD_WEIGHTS
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -238,19 +237,7 @@ def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
     monkeypatch.setattr(MIN_NORM, "usable", lambda t: not MIN_NORM.failed)
     assert torch.equal(solvers.min_norm_simplex(g), mn_mod.min_norm(g))
     assert solvers.min_norm_simplex(g.float()).dtype == torch.float32
-    calls = []
-
-    def broken(t):
-        calls.append(1)
-        raise RuntimeError("no sm_xx support")
-
-    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
-    with pytest.warns(RuntimeWarning, match="min-norm kernel failed.*torch solvers"):
-        w = solvers.min_norm_simplex(g)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        w2 = solvers.min_norm_simplex(g)
-    assert len(calls) == 1 and torch.equal(w, w2)
+    w = fall_back_once(monkeypatch, lambda: solvers.min_norm_simplex(g), "min-norm kernel failed.*torch solvers")
     check_kkt(g.numpy(), w.numpy())
 
 

@@ -11,10 +11,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _small_k import DEGENERATE, WELL
+from _small_k import DEGENERATE, WELL, fall_back_once
 from _small_k import jacobian_case as jacobian
 
-from gradbal import _solver_kernels
 from gradbal._solver_kernels import GRADVAC, PCGRAD
 from gradbal.methods import GradVac, PCGrad
 
@@ -192,12 +191,10 @@ def test_pcgrad_method_uses_the_kernel_with_its_own_draw(monkeypatch, sk_mod, re
     assert close(w.numpy(), torch_w.numpy(), 1e-12)
     assert torch.equal(gen.get_state(), gen_t.get_state())  # the same draw
 
-    def broken(*args):
-        raise RuntimeError("no sm_xx support")
-
-    monkeypatch.setattr(_solver_kernels, "kernel_function", lambda name: broken)
-    with pytest.warns(RuntimeWarning, match="PCGrad kernel failed.*torch ops"):
-        w2 = PCGrad(reduction).weights(g, None, torch.Generator().manual_seed(7))
+    w2 = fall_back_once(
+        monkeypatch, lambda: PCGrad(reduction).weights(g, None, torch.Generator().manual_seed(7)),
+        "PCGrad kernel failed.*torch ops",
+    )
     assert torch.equal(w2, torch_w)
 
 
