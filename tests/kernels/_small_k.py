@@ -83,3 +83,18 @@ def fall_back_once(monkeypatch, call, match: str):
     assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(first),
                                                  torch.utils._pytree.tree_leaves(second)))  # fmt: skip
     return first
+
+
+def without_sync(call):
+    """``call()`` twice on CUDA: once to compile the kernels, then under
+    ``torch.cuda.set_sync_debug_mode("error")``, where any host synchronisation raises. Returns
+    the second answer."""
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -12,7 +12,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from _small_k import DEGENERATE, WELL, fall_back_once, gram_case
+from _small_k import DEGENERATE, WELL, fall_back_once, gram_case, without_sync
 
 from gradbal import solvers_qp
 from gradbal._solver_kernels import DUAL_CONE
@@ -152,13 +152,7 @@ def test_gpu_upgrad_and_dualproj_use_the_kernel_without_host_sync():
             m = gradbal.get_method(name)
             ref = m.weights(g, None)
             g_dev = g.to(dev)  # (a host-to-device copy synchronises: outside the check)
-            m.weights(g_dev, None)  # compiles
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                w = m.weights(g_dev, None)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            w = without_sync(lambda m=m, g_dev=g_dev: m.weights(g_dev, None))
             assert (w.cpu() - ref).abs().max() <= 1e-7 * ref.abs().max(), (name, k)
         u = torch.eye(k, dtype=torch.float64, device=dev) / k
         assert torch.equal(

@@ -10,7 +10,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from _small_k import DEGENERATE, WELL, fall_back_once, gram_case
+from _small_k import DEGENERATE, WELL, fall_back_once, gram_case, without_sync
 from scipy.optimize import least_squares
 
 from gradbal import solvers_qp
@@ -166,12 +166,6 @@ def test_gpu_fairgrad_and_nash_mtl_use_the_kernel_without_host_sync():
             ref = gradbal.get_method(name).weights(g, None)
             m = gradbal.get_method(name)
             g_dev = g.to(dev)  # (a host-to-device copy synchronises: outside the check)
-            m.weights(g_dev, None)  # compiles
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                w = m.weights(g_dev, None)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            w = without_sync(lambda m=m, g_dev=g_dev: m.weights(g_dev, None))
             assert (w.cpu() - ref).abs().max() <= 1e-10 * ref.abs().max(), (name, k)
         assert torch.equal(solvers_qp.fair_weights(g.to(dev)), kernels.fair_weights(g.to(dev)))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from _small_k import DEGENERATE, WELL, fall_back_once, gram_case
+from _small_k import DEGENERATE, WELL, fall_back_once, gram_case, without_sync
 
 from gradbal import solvers
 from gradbal._solver_kernels import MIN_NORM, MOKD_WEIGHTS
@@ -261,13 +261,7 @@ def test_gpu_methods_use_the_kernel_without_host_sync():
             m = gradbal.get_method(name)
             ref = m.weights(g, losses)
             g_dev, l_dev = g.to(dev), losses.to(dev)
-            m.weights(g_dev, l_dev)  # compiles
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                w = m.weights(g_dev, l_dev)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            w = without_sync(lambda m=m, g_dev=g_dev, l_dev=l_dev: m.weights(g_dev, l_dev))
             assert (w.cpu() - ref).abs().max() <= 1e-7 * ref.abs().max(), (name, k)
         if k >= 3:
             assert torch.equal(solvers.min_norm_simplex(g.to(dev)), kernels.min_norm(g.to(dev)))
