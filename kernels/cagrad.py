@@ -151,7 +151,7 @@ def _cagrad_kernel(
         # No stationary point: F is unbounded below along d on the face's affine hull; a
         # far point on that ray makes active_set_step move along it to the first zero.
         d = tl.where(s_p > 0, s_q / tl.where(s_p > 0, s_p, 1.0), 0.0) * p - q
-        far = 1e30 / tl.maximum(tl.max(tl.abs(d), axis=0), 1e-300)
+        far = 1e30 / tl.maximum(tl.max(tl.abs(d), axis=0), 1e-270)  # <= 1e300: finite
         cand = tl.where(ok, stat, x + far * d) * free
         # KKT residuals off S at the candidate (used only when it becomes the iterate).
         gc = tl.sum(gr * cand[None, :], axis=1)
