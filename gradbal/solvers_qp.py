@@ -582,7 +582,9 @@ def _cagrad_faces(k: int, device: torch.device, dtype: torch.dtype) -> tuple[Ten
     return eye, m.unsqueeze(-1) * m.unsqueeze(-2), (1 - m).unsqueeze(-1) * eye
 
 
-def _cagrad_face_raw(g: Tensor, a: Tensor, phi: Tensor, mm: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
+def _cagrad_face_raw(
+    g: Tensor, a: Tensor, phi: Tensor, mm: Tensor, off: Tensor, min_norm_points: bool = False
+) -> tuple[Tensor, Tensor]:
     """Closed-form stationary point of ``F(w) = a^T w + phi ||J^T w||`` on a batch of faces.
 
     On the face S (w_i = 0 off S) with ``r = ||J^T w|| > 0`` stationarity reads
@@ -592,14 +594,15 @@ def _cagrad_face_raw(g: Tensor, a: Tensor, phi: Tensor, mm: Tensor, off: Tensor)
     ``w_S = (mu p - q) / sqrt(disc)``, ``disc = s_q^2 - s_p (t - phi^2)``.
 
     g: [K, K] (ridged); a: [K]; phi: []; mm = m m^T and off = diag(1 - m), [F, K, K], for
-    the face masks m [F, K]. Returns (raw [2F, K]: the stationary points, zero off the face,
-    not clamped, then the faces' min-norm points ``p / s_p``; solved [2F]: each exists and is
-    finite).
+    the face masks m [F, K]. Returns (raw [F, K]: the stationary points, zero off the face,
+    not clamped; solved [F]: each exists and is finite); with ``min_norm_points`` [2F] of each,
+    the faces' min-norm points ``p / s_p`` after the stationary points.
 
     The min-norm points are candidates for gradients that are (nearly) Pareto-stationary:
-    there F's minimum sits at its kink ``||J^T w|| = 0``, where no stationary point exists (on
-    K = 12 with two opposite rows and c = 0.5 the stationary points and the interior point
-    alone left F = 2.2e-3 above that minimum, and a nonzero direction where it is 0).
+    there F's minimum sits at its kink ``||J^T w|| = 0``, where no stationary point exists. The
+    enumeration (K <= 8) gets within the ridge of it anyway (two opposite rows among 5, c = 0.5:
+    ``||g_w*|| = 5e-6``); the nested faces of K > 8 did not (among 12: ``||g_w*|| = 0.11``,
+    F = 2.2e-3 above the minimum, and a nonzero direction where it is 0), so they take them.
     """
     ones_a = torch.stack([torch.ones_like(a), a])  # [2, K]
     # Off the face the rows are the identity's and the right-hand side 0 (mm's diagonal is
@@ -612,8 +615,10 @@ def _cagrad_face_raw(g: Tensor, a: Tensor, phi: Tensor, mm: Tensor, off: Tensor)
     # Unguarded divisions: a face with s_p <= 0 or disc <= 0 gives inf/NaN here and is
     # marked unsolved (torch.where never lets an unselected NaN through).
     mu = (s_q + root) / s_p
-    coef = torch.stack([torch.stack([mu / root, -1 / root], -1), torch.stack([1 / s_p, 0 * s_p], -1)])
-    raw = (x @ coef.unsqueeze(-1)).squeeze(-1).flatten(0, 1)  # [2F, K]
+    raw = (x @ torch.stack([mu / root, -1 / root], -1).unsqueeze(-1)).squeeze(-1)
+    if not min_norm_points:
+        return raw, (disc > 0) & (s_p > 0) & torch.isfinite(raw.sum(-1))
+    raw = torch.cat([raw, x[..., 0] / s_p.unsqueeze(-1)])  # [2F, K]: then p / s_p
     solved = torch.cat([disc > 0, s_p > 0]) & (s_p > 0).repeat(2) & torch.isfinite(raw.sum(-1))
     return raw, solved
 
@@ -814,7 +819,7 @@ def _cagrad_large(g: Tensor, a: Tensor, phi: Tensor, iterations: int, rounds: in
     w, z = _cagrad_ipm(g, a, phi, iterations)
     key = w / z
     free = (key >= key.sort(descending=True).values.mT).to(g.dtype)
-    raw, solved = _cagrad_face_raw(gr, a, phi, *_cagrad_faces_of(free, eye))
+    raw, solved = _cagrad_face_raw(gr, a, phi, *_cagrad_faces_of(free, eye), min_norm_points=True)
     best = _cagrad_best(g, a, phi, raw, solved, torch.cat([eye, w])).unsqueeze(0)
     a_col = a.unsqueeze(-1)
     best_gw = best @ g
