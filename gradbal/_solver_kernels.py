@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Largest K of the K x K kernels (``gradbal.kernels._launch.KXK_MAX_K``, kept here so that
-#: choosing a path imports no Triton; tests/kernels/test_kernel_package.py checks they agree).
+#: choosing a path imports no Triton; tests/kernels/test_solver_kernels.py checks they agree).
 MAX_K = 32
 
 

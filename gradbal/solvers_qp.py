@@ -616,11 +616,11 @@ def _cagrad_face_raw(
     # marked unsolved (torch.where never lets an unselected NaN through).
     mu = (s_q + root) / s_p
     raw = (x @ torch.stack([mu / root, -1 / root], -1).unsqueeze(-1)).squeeze(-1)
-    if not min_norm_points:
-        return raw, (disc > 0) & (s_p > 0) & torch.isfinite(raw.sum(-1))
-    raw = torch.cat([raw, x[..., 0] / s_p.unsqueeze(-1)])  # [2F, K]: then p / s_p
-    solved = torch.cat([disc > 0, s_p > 0]) & (s_p > 0).repeat(2) & torch.isfinite(raw.sum(-1))
-    return raw, solved
+    solved = (disc > 0) & (s_p > 0)
+    if min_norm_points:
+        raw = torch.cat([raw, x[..., 0] / s_p.unsqueeze(-1)])  # [2F, K]: then p / s_p
+        solved = torch.cat([solved, s_p > 0])
+    return raw, solved & torch.isfinite(raw.sum(-1))
 
 
 def _cagrad_objective(g: Tensor, a: Tensor, phi: Tensor, w: Tensor) -> Tensor:

@@ -125,7 +125,7 @@ def _cagrad_kernel(
     gr = g + tl.where((ii == jj) & valid, ridge[:, None], 0.0)
     a = tl.sum(g, axis=1) / K  # G b, b = 1 / K
     phi = c * tl.sqrt(tl.maximum(tl.sum(a, axis=0) / K, 0.0))
-    diag = tl.sum(tl.where(ii == jj, gr, 0.0), axis=1)
+    diag = tl.where(live, gdiag + ridge, 0.0)  # gr's diagonal
     scale = tl.max(tl.abs(a), axis=0) + phi * tl.sqrt(tl.max(tl.maximum(diag, 0.0), axis=0))
     tol = _TOL * scale
     # Start at the best vertex (its face's stationary point is the vertex itself).

@@ -19,6 +19,14 @@ def remember(cache: dict, key: Any, value: Tensor) -> Tensor:
     return value
 
 
+def partner_orders(keys: Tensor) -> Tensor:
+    """Row i: the other K - 1 indices, in the order of the random ``keys[i]`` ([K, K]
+    uniforms; PCGrad's and GradVac's order of the others for objective i). The diagonal of
+    ``keys`` is set to 2 in place, so that i sorts last and is cut off."""
+    keys.fill_diagonal_(2.0)
+    return keys.argsort(dim=1)[:, : keys.shape[0] - 1]
+
+
 def to_device(cpu_tensor: Tensor, device: torch.device) -> Tensor:
     """Copy a small host tensor to ``device`` without making the host wait.
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._solver_kernels import GRADVAC
 from ..solvers_qp import _eye
 from ._base import Method
-from ._common import to_device
+from ._common import partner_orders, to_device
 from ._registry import register_method
 
 __all__ = ["GradVac"]
@@ -107,8 +107,7 @@ class GradVac(Method):
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
         if GRADVAC.usable(g):
             # CUDA, 2 <= K <= 32: the rounds below in one launch (gradbal.kernels.gradvac_weights).
-            keys.fill_diagonal_(2.0)
-            order = to_device(keys.argsort(dim=1)[:, : k - 1].contiguous(), device)
+            order = to_device(partner_orders(keys).contiguous(), device)
             t64 = target if target.dtype == torch.float64 else target.to(torch.float64)
             out = GRADVAC.run(g, t64, order, self.beta, self.eps, self.ema_update == "on_conflict")
             if out is not None:
@@ -121,8 +120,7 @@ class GradVac(Method):
         if k == 2:
             w, target = self._pair(g, target, norms, finite)
         else:
-            keys.fill_diagonal_(2.0)
-            order = to_device(keys.argsort(dim=1)[:, : k - 1], device)
+            order = to_device(partner_orders(keys), device)
             w, target = self._rounds(g, target, norms, finite, order)
         self._target = target
         return w if gram.dtype == torch.float64 else w.to(gram.dtype)

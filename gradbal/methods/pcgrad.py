@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._solver_kernels import PCGRAD
 from ._base import Method
-from ._common import to_device
+from ._common import partner_orders, to_device
 from ._registry import register_method
 
 __all__ = ["PCGrad"]
@@ -65,24 +65,25 @@ class PCGrad(Method):
         # Drawn at K = 2 too, where the order is forced: the generator (in the optimizer's
         # checkpoint, and the caller's to share) advances by the same draw at every K.
         keys = torch.rand(k, k, generator=generator, dtype=torch.float64)
-        if gram.dtype == torch.float64 and PCGRAD.usable(gram):
-            # CUDA, 3 <= K <= 32: the rounds below in one launch (gradbal.kernels.pcgrad_weights).
-            keys.fill_diagonal_(2.0)
-            order = to_device(keys.argsort(dim=1)[:, : k - 1].contiguous(), gram.device)
-            w = PCGRAD.run(gram, order)
-            if w is not None:
-                return w / k if self.reduction == "mean" else w
-        sq_norms = gram.diagonal()
-        # 1 / ||g_j||^2, and 0 for a zero gradient (nothing to project on); the 1 / 0 = inf
-        # that where() discards is never multiplied. A subnormal ||g_j||^2 counts as zero:
-        # its reciprocal overflows to inf (G = [[1e-320, -1e-160], [-1e-160, 1]] gave w = inf).
-        inv = torch.where(sq_norms >= torch.finfo(sq_norms.dtype).tiny, sq_norms.reciprocal(), 0.0)
         if k == 2:
-            w = self._pair(gram, inv)
+            w = self._pair(gram, self._inv_sq_norms(gram))
         else:
-            keys.fill_diagonal_(2.0)
-            w = self._rounds(gram, inv, keys.argsort(dim=1)[:, : k - 1])
+            order = partner_orders(keys)
+            w = None
+            if gram.dtype == torch.float64 and PCGRAD.usable(gram):
+                # CUDA, 3 <= K <= 32: the rounds in one launch (gradbal.kernels.pcgrad_weights).
+                w = PCGRAD.run(gram, to_device(order.contiguous(), gram.device))
+            if w is None:
+                w = self._rounds(gram, self._inv_sq_norms(gram), order)
         return w / k if self.reduction == "mean" else w
+
+    @staticmethod
+    def _inv_sq_norms(gram: Tensor) -> Tensor:
+        """``1 / ||g_j||^2``, and 0 for a zero gradient (nothing to project on); the 1 / 0 = inf
+        that where() discards is never multiplied. A subnormal ||g_j||^2 counts as zero: its
+        reciprocal overflows to inf (G = [[1e-320, -1e-160], [-1e-160, 1]] gave w = inf)."""
+        sq_norms = gram.diagonal()
+        return torch.where(sq_norms >= torch.finfo(sq_norms.dtype).tiny, sq_norms.reciprocal(), 0.0)
 
     @staticmethod
     def _pair(gram: Tensor, inv: Tensor) -> Tensor:
