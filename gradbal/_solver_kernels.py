@@ -3,7 +3,8 @@
 The solvers of :mod:`gradbal.solvers`, :mod:`gradbal.solvers_qp` and MoKD's weights each have
 a one-launch kernel in :mod:`gradbal.kernels` (``jacobi_eigh``, ``min_norm``,
 ``mokd_weights``, ``dual_cone``, ``fair_weights``, ``pcgrad_weights``,
-``gradvac_weights``, ``cagrad_direction``) beside their torch ops. One rule decides for all of them
+``gradvac_weights``, ``cagrad_direction``; Aligned-MTL's, IMTL-G's and ConFIG's whole stage:
+``aligned_mtl_weights``, ``imtl_g_weights``, ``config_weights``) beside their torch ops. One rule decides for all of them
 (:class:`SolverKernel`): the kernel runs for a Gram matrix that
 
 * lives on a CUDA device (on the CPU the torch ops have no launches to save);
@@ -24,8 +25,8 @@ from torch import Tensor
 from ._ops import env_backend, kernel_function, warn_kernel_failure
 
 __all__ = [
-    "CAGRAD", "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "MAX_K", "MIN_NORM", "MOKD_WEIGHTS", "PCGRAD", "SolverKernel",
-    "kernel_input",
+    "ALIGNED_MTL", "CAGRAD", "CONFIG", "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "IMTL_G", "MAX_K", "MIN_NORM",
+    "MOKD_WEIGHTS", "PCGRAD", "SolverKernel", "kernel_input",
 ]
 
 #: Largest K of the K x K kernels (``gradbal.kernels._launch.KXK_MAX_K``, kept here so that
@@ -116,3 +117,13 @@ PCGRAD = SolverKernel("pcgrad_weights", "the Triton PCGrad kernel", "the torch o
 GRADVAC = SolverKernel("gradvac_weights", "the Triton GradVac kernel", "the torch ops", k_min=2)
 #: :class:`gradbal.methods.CAGrad`'s inner problem and direction (its K = 2 form is ~34 ops).
 CAGRAD = SolverKernel("cagrad_direction", "the Triton CAGrad kernel", "the torch solvers", k_min=2)
+#: :class:`gradbal.methods.AlignedMTL`'s whole stage (eigendecomposition and weights); at K = 2
+#: one launch still replaces its closed form's 20 ops.
+ALIGNED_MTL = SolverKernel(
+    "aligned_mtl_weights", "the Triton Aligned-MTL kernel", "the torch ops", k_min=2
+)
+#: :class:`gradbal.methods.IMTLG`'s whole stage; K = 2 is a closed form of 9 ops.
+IMTL_G = SolverKernel("imtl_g_weights", "the Triton IMTL-G kernel", "the torch ops", k_min=3)
+#: :class:`gradbal.methods.ConFIG`'s whole stage; K = 2 with a uniform pref_vector is a closed
+#: form of 11 ops (a non-uniform one at K = 2 keeps the torch ops around jacobi_eigh).
+CONFIG = SolverKernel("config_weights", "the Triton ConFIG kernel", "the torch ops", k_min=3)

@@ -13,6 +13,9 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   to the torch pass in ``gradbal._ops``.
 * :func:`jacobi_eigh` (:mod:`.eigh`): the K x K stage's symmetric eigendecomposition (batched,
   K <= 32) by cyclic Jacobi rotations in registers, one launch, sorted ascending.
+* :func:`aligned_mtl_weights`, :func:`imtl_g_weights`, :func:`config_weights` (:mod:`.spectral`):
+  the whole K x K stage of Aligned-MTL, IMTL-G and ConFIG (the same Jacobi sweeps, then the
+  weights from the eigenpairs), one launch.
 * :func:`min_norm` (:mod:`.min_norm`): the min-norm simplex weights of MGDA and MoKD (batched,
   K <= 32) by a primal active-set method on a swept matrix in registers, one launch;
   :func:`mokd_weights` fuses MoKD's loss scaling, magnitude and clipping around it.
@@ -26,7 +29,8 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   and undamped Newton steps (each solve a swept [K, K] tile in registers), one launch.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
-:func:`jacobi_eigh`, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
+:func:`jacobi_eigh`, ``gradbal.methods.AlignedMTL`` / ``IMTLG`` / ``ConFIG`` to the :mod:`.spectral`
+kernels, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
 ``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, ``gradbal.solvers_qp.fair_weights``
 to :func:`fair_weights`, ``gradbal.methods.PCGrad`` / ``GradVac`` / ``CAGrad`` to :func:`pcgrad_weights` /
 :func:`gradvac_weights` / :func:`cagrad_direction` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
@@ -38,8 +42,9 @@ Under ``TRITON_INTERPRET=1`` (set before this import) the kernels run on CPU ten
 from __future__ import annotations
 
 __all__ = [
-    "AVAILABLE", "cagrad_direction", "combine", "dual_cone", "fair_weights", "graddrop", "gradvac_weights", "gram",
-    "gram_with_nonfinite", "jacobi_eigh", "min_norm", "mokd_weights", "pcgrad_weights",
+    "AVAILABLE", "aligned_mtl_weights", "cagrad_direction", "combine", "config_weights", "dual_cone",
+    "fair_weights", "graddrop", "gradvac_weights", "gram", "gram_with_nonfinite", "imtl_g_weights",
+    "jacobi_eigh", "min_norm", "mokd_weights", "pcgrad_weights",
 ]
 
 try:
@@ -51,6 +56,7 @@ try:
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
     from .min_norm import min_norm, mokd_weights
+    from .spectral import aligned_mtl_weights, config_weights, imtl_g_weights
     from .surgery import gradvac_weights, pcgrad_weights
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
     if not (_err.name or "").startswith("triton"):
@@ -71,6 +77,15 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def jacobi_eigh(a, sweeps=None):
+        raise RuntimeError(_REASON)
+
+    def aligned_mtl_weights(gram, pref, scale_mode="min", sweeps=None, order="cyclic"):
+        raise RuntimeError(_REASON)
+
+    def imtl_g_weights(gram, sweeps=None, order="cyclic"):
+        raise RuntimeError(_REASON)
+
+    def config_weights(gram, pref, sweeps=None, order="cyclic"):
         raise RuntimeError(_REASON)
 
     def min_norm(gram, max_iter=None):

@@ -234,36 +234,32 @@ def _round_robin(r, t, K: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _eigh_kernel(
-    a_ptr,
-    stride_b,
-    stride_r,
-    stride_c,
-    w_ptr,
-    v_ptr,
-    sweeps,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    N: tl.constexpr,
-    PARALLEL: tl.constexpr,
-):
-    """Program b: eigenvalues (ascending) of a[b] -> w[b, :K], eigenvectors (columns) ->
-    v[b, :K, :K] (both contiguous)."""
-    pid = tl.program_id(0)
-    r = tl.arange(0, KP)
-    ii = r[:, None]  # row index of the tile
-    jj = r[None, :]  # column index
-    valid = (ii < K) & (jj < K)
-    src = a_ptr + pid.to(tl.int64) * stride_b
-    # A and A^T from the same buffer (any strides): the symmetrised matrix is exact symmetric.
-    x = tl.load(src + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
-    xt = tl.load(src + jj * stride_r + ii * stride_c, mask=valid, other=0.0).to(tl.float64)
+def sym_scaled(x, xt):
+    """``((X + X^T) / 2) / s`` of the [KP, KP] tiles ``x`` and ``xt = x^T`` (any float type;
+    0 outside the matrix) with inf/NaN read as 0, in float64, and ``s = max |entry|`` (1 for a
+    zero matrix): every entry in [-1, 1]. Returns (A, s). Exactly symmetric: A and A^T are the
+    same sums of the same two values."""
+    x = x.to(tl.float64)
+    xt = xt.to(tl.float64)
     x = tl.where(tl.abs(x) <= _DBL_MAX, x, 0.0)
     xt = tl.where(tl.abs(xt) <= _DBL_MAX, xt, 0.0)
     a = 0.5 * x + 0.5 * xt  # halves first: no overflow near DBL_MAX
     scale = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
     scale = tl.where(scale > 0, scale, 1.0)
-    a = a / scale
+    return a / scale, scale
+
+
+@triton.jit
+def jacobi_sweeps(
+    a, sweeps, r, K: tl.constexpr, KP: tl.constexpr, N: tl.constexpr, PARALLEL: tl.constexpr
+):
+    """``sweeps`` Jacobi sweeps on the symmetric [KP, KP] tile ``a`` (scaled to [-1, 1],
+    :func:`sym_scaled`; r = tl.arange(0, KP)) in the order the module docstring describes.
+    Returns (D, V): D is A rotated to (numerically) diagonal, V the product of the rotations,
+    so ``A = V D V^T``; eigenvalue m is ``D_mm`` and its eigenvector column m of V (unsorted).
+    Padded rows and columns (index >= K) stay 0 in D and the unit vectors in V."""
+    ii = r[:, None]  # row index of the tile
+    jj = r[None, :]  # column index
     v = tl.where(ii == jj, 1.0, 0.0).to(tl.float64)
     if PARALLEL:
         for _sweep in range(sweeps):
@@ -339,6 +335,36 @@ def _eigh_kernel(
                         tl.where(col_q, (s * vp + c * vq)[:, None], v),
                     )
             a = tl.where(tl.abs(a) < _FLUSH, 0.0, a)
+    return a, v
+
+
+@triton.jit
+def _eigh_kernel(
+    a_ptr,
+    stride_b,
+    stride_r,
+    stride_c,
+    w_ptr,
+    v_ptr,
+    sweeps,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    N: tl.constexpr,
+    PARALLEL: tl.constexpr,
+):
+    """Program b: eigenvalues (ascending) of a[b] -> w[b, :K], eigenvectors (columns) ->
+    v[b, :K, :K] (both contiguous)."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, KP)
+    ii = r[:, None]  # row index of the tile
+    jj = r[None, :]  # column index
+    valid = (ii < K) & (jj < K)
+    src = a_ptr + pid.to(tl.int64) * stride_b
+    # A and A^T from the same buffer (any strides): the symmetrised matrix is exact symmetric.
+    x = tl.load(src + ii * stride_r + jj * stride_c, mask=valid, other=0.0)
+    xt = tl.load(src + jj * stride_r + ii * stride_c, mask=valid, other=0.0)
+    a, scale = sym_scaled(x, xt)
+    a, v = jacobi_sweeps(a, sweeps, r, K, KP, N, PARALLEL)
     d = tl.sum(tl.where(ii == jj, a, 0.0), axis=1)  # diagonal, indexed by row
     dj = tl.sum(tl.where(ii == jj, a, 0.0), axis=0)  # the same, indexed by column
     # rank[m] = #{n < K : d_n < d_m or (d_n == d_m and n < m)}: a permutation of 0..K-1 for

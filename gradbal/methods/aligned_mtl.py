@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._solver_kernels import ALIGNED_MTL
 from ..solvers_qp import _RTOL_2, _kept, _scalars, sym_eig
 from ._base import Method
 from ._common import PrefVector
@@ -36,9 +37,10 @@ class AlignedMTL(Method):
     ``B = I``.
 
     The eigendecomposition runs on the device (:func:`gradbal.solvers_qp.sym_eig`: LAPACK
-    on the CPU; on CUDA, where ``torch.linalg.eigh`` syncs with the host, a fixed-sweep cyclic
-    Jacobi method in one Triton launch, or as torch ops when Triton is unavailable or forced
-    with ``GRADBAL_BACKEND=torch``).
+    on the CPU). On CUDA, where ``torch.linalg.eigh`` syncs with the host, the whole stage is
+    one Triton launch (:func:`gradbal.kernels.aligned_mtl_weights`: a fixed-sweep cyclic
+    Jacobi method and the weights from its eigenpairs), or torch ops around the Jacobi method
+    when Triton is unavailable or forced off with ``GRADBAL_BACKEND=torch``.
 
     Defaults: ``scale_mode="min"`` (paper, official code, LibMTL, TorchJD);
     ``pref_vector`` = ones, i.e. the sum of the aligned gradients (official code and
@@ -90,6 +92,10 @@ class AlignedMTL(Method):
     def weights(self, gram, losses, generator=None):
         k = gram.shape[-1]
         self.check_num_objectives(k)
+        if ALIGNED_MTL.usable(gram):  # CUDA: the whole stage in one launch
+            w = ALIGNED_MTL.run(gram, self.pref.get(k, gram, torch.float64), self.scale_mode)
+            if w is not None:
+                return w if w.dtype == gram.dtype else w.to(gram.dtype)
         if k == 2:
             # Off the CPU sym_eig is one Triton launch (a torch Jacobi sweep of 64 ops, i.e.
             # kernel launches, without Triton) plus the general path's ops, against the closed

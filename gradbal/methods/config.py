@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._solver_kernels import CONFIG
 from ..solvers_qp import _KEPT_SUM_2, _unit_sum_2, unit_gram_pinv
 from ._base import Method
 from ._common import PrefVector
@@ -36,6 +37,10 @@ class ConFIG(Method):
     drops) ``C^+ p`` is 0, so ``x = 0`` and ``d = 0``, as for exactly opposite gradients
     (:func:`gradbal.solvers_qp.unit_gram_pinv`).
 
+    On CUDA (K >= 3) the whole stage is one Triton launch
+    (:func:`gradbal.kernels.config_weights`: the Jacobi eigendecomposition of C and the weights
+    from its eigenpairs); elsewhere torch ops (LAPACK's eigh on the CPU).
+
     Defaults: ``pref_vector`` = ones (official code and TorchJD).
 
     Example:
@@ -57,8 +62,10 @@ class ConFIG(Method):
     def weights(self, gram, losses, generator=None):
         k = gram.shape[-1]
         self.check_num_objectives(k)
-        g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
-        w = _config_2(g) if k == 2 and self._uniform else _config(g, self.pref.get(k, g))
+        w = CONFIG.run(gram, self.pref.get(k, gram, torch.float64)) if CONFIG.usable(gram) else None
+        if w is None:
+            g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+            w = _config_2(g) if k == 2 and self._uniform else _config(g, self.pref.get(k, g))
         return w if w.dtype == gram.dtype else w.to(gram.dtype)
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._solver_kernels import IMTL_G
 from ..solvers_qp import _KEPT_SUM_2, _ones, _unit_sum_2, unit_gram_pinv
 from ._base import Method
 from ._registry import register_method
@@ -35,6 +36,10 @@ class IMTLG(Method):
     direction the rank cut drops), where C^+ 1 holds nothing but rounding noise. K = 2 has
     a closed form: ``w = (||g_2||, ||g_1||) / (||g_1|| + ||g_2||)``, or 0.
 
+    On CUDA (K >= 3) the whole stage is one Triton launch
+    (:func:`gradbal.kernels.imtl_g_weights`: the Jacobi eigendecomposition of C and the weights
+    from its eigenpairs); elsewhere torch ops (LAPACK's eigh on the CPU).
+
     The closed form needs no parameters; the paper's IMTL-L (loss scaling) is not part of it.
 
     Example:
@@ -45,8 +50,10 @@ class IMTLG(Method):
     """
 
     def weights(self, gram, losses, generator=None):
-        g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
-        w = _imtl_g_2(g) if g.shape[-1] == 2 else _imtl_g(g)
+        w = IMTL_G.run(gram) if IMTL_G.usable(gram) else None
+        if w is None:
+            g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+            w = _imtl_g_2(g) if g.shape[-1] == 2 else _imtl_g(g)
         return w if w.dtype == gram.dtype else w.to(gram.dtype)
 
 

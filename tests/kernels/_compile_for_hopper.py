@@ -127,6 +127,27 @@ def variants():
             yield f"eigh {dt} K={k} parallel={parallel}", eigh._eigh_kernel, sig, consts, \
                 {"num_warps": eigh._num_warps(kp)}
 
+    # The eigen methods' whole stage (Aligned-MTL for K >= 2, IMTL-G and ConFIG for K >= 3 on
+    # CUDA): each mode (Aligned-MTL with each scale mode) at every padded K, cyclic (the
+    # default) and, at K = 4 and 16, parallel; fp64 and fp32 input at K = 4.
+    spectral = importlib.import_module("gradbal.kernels.spectral")
+    for k, mode in itertools.product([2, 3, 4, 8, 16, 32], range(3)):
+        for scale in (range(3) if mode == 0 else [0]):
+            for parallel in ([False, True] if k in (4, 16) else [False]):
+                kp = eigh._k_pad(k, parallel)
+                for dt in (["fp64", "fp32"] if k == 4 else ["fp64"]):
+                    sig = {
+                        "g_ptr": f"*{dt}", "stride_r": "i64", "stride_c": "i64", "p_ptr": "*fp64",
+                        "w_ptr": "*fp64", "sweeps": "i32", "K": "constexpr", "KP": "constexpr",
+                        "N": "constexpr", "PARALLEL": "constexpr", "MODE": "constexpr",
+                        "SCALE": "constexpr",
+                    }
+                    consts = {"K": k, "KP": kp, "N": k + k % 2, "PARALLEL": parallel, "MODE": mode,
+                              "SCALE": scale}  # fmt: skip
+                    yield (f"spectral {dt} K={k} mode={mode} scale={scale} parallel={parallel}",
+                           spectral._spectral_kernel, sig, consts,
+                           {"num_warps": eigh._num_warps(kp)})  # fmt: skip
+
     # The min-norm simplex solver (MGDA and MoKD for K >= 3 on CUDA): each padded K, fp64 and
     # fp32 input, with the launch's REFINE and warps.
     min_norm = importlib.import_module("gradbal.kernels.min_norm")

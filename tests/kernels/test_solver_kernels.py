@@ -1,5 +1,6 @@
 """gradbal._solver_kernels: the one rule that decides when a K x K kernel (jacobi_eigh, min_norm,
-mokd_weights, dual_cone) runs, and the one-warning fallback when it fails."""
+mokd_weights, dual_cone, ..., the spectral methods' kernels) runs, and the one-warning fallback
+when it fails."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from _small_k import FakeCuda
 
 from gradbal import _solver_kernels
 from gradbal._solver_kernels import (
+    ALIGNED_MTL,
     CAGRAD,
+    CONFIG,
     DUAL_CONE,
     EIGH,
     FAIR,
     GRADVAC,
+    IMTL_G,
     MAX_K,
     MIN_NORM,
     MOKD_WEIGHTS,
@@ -24,12 +28,13 @@ from gradbal._solver_kernels import (
     SolverKernel,
 )
 
-ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR, PCGRAD, GRADVAC, CAGRAD]
+ALL = [EIGH, MIN_NORM, MOKD_WEIGHTS, DUAL_CONE, FAIR, PCGRAD, GRADVAC, CAGRAD, ALIGNED_MTL, IMTL_G,
+       CONFIG]  # fmt: skip
 
 
 def test_max_k_is_the_kernels():
     # (the package's names min_norm, dual_cone are the functions: import the modules)
-    names = ("eigh", "min_norm", "dual_cone", "fair", "surgery", "cagrad")
+    names = ("eigh", "min_norm", "dual_cone", "fair", "surgery", "cagrad", "spectral")
     mods = [importlib.import_module(f"gradbal.kernels.{m}") for m in names]
     assert {MAX_K, importlib.import_module("gradbal.kernels._launch").KXK_MAX_K} == {32}
     assert all(mod.MAX_K == MAX_K for mod in mods)
