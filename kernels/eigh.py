@@ -38,7 +38,9 @@ rotation touches them):
      exactly symmetric again, ``(A + A^T) / 2``. Two reductions and four gathers a round.
 
    After each sweep entries below 1e-200 are flushed to 0 (denormal arithmetic is slow on
-   GPUs and meaningless at this scale).
+   GPUs and meaningless at this scale), and the loop ends once every off-diagonal entry is at
+   or below ``_SKIP``: each later rotation would be the identity, so this changes no output
+   bit, only the time (K = 16: 4-8 of the 11 default sweeps on the test kinds).
 3. Eigenvalues ``lambda_m = s a_mm``. Sorted in the kernel: ``rank_m = #{n : lambda_n <
    lambda_m, or lambda_n = lambda_m and n < m}`` (a permutation of 0..K-1), and eigenvalue m
    and column m of V are stored at position rank_m: every output entry is written once.
@@ -47,11 +49,12 @@ Numerics: with every rotation orthogonal to rounding, the eigenvalues are backwa
 (errors ~ K eps max|lambda| after convergence); the test suite checks agreement with LAPACK to
 1e-12 of max|lambda|, ``||V^T V - I|| <= 1e-12`` and ``||A V - V diag(lambda)|| <= 1e-11 ||A||``.
 
-Cost on a GPU: cyclic, ``sweeps K (K - 1) / 2`` rotations (K = 16: 1320, six reductions
-each); parallel, ``sweeps (N - 1)`` rounds (K = 16: 165, two reductions and four gathers
-each); 1 warp up to KP = 16. Measured on an H200 (2026-11-26, benchmarks/RESULTS.md), cyclic:
-Aligned-MTL's whole K = 16 stage replays from a CUDA graph in 1.56 ms (the torch Jacobi's
-5120 launches had taken 60-147x the Gram and combine passes on an H100). The parallel order
+Cost on a GPU: cyclic, up to ``sweeps K (K - 1) / 2`` rotations (K = 16: 1320 at most, six
+reductions each); parallel, up to ``sweeps (N - 1)`` rounds (K = 16: 165, two reductions and
+four gathers each); 1 warp up to KP = 16. Measured on an H200 (2026-11-26, benchmarks/RESULTS.md,
+all 11 sweeps: the exit at convergence came later), cyclic: Aligned-MTL's whole K = 16 stage
+replays from a CUDA graph in 1.56 ms (the torch Jacobi's 5120 launches had taken 60-147x the
+Gram and combine passes on an H100). The parallel order
 does about an eighth of the reductions at K = 16; it is not yet run on a GPU, so it is not
 the default (Triton's compiler for sm_90 hung on its gathers for a [2, 2] tile: it pads to
 KP >= 4). (Warp counts untuned.)
@@ -136,7 +139,11 @@ def _round_robin_reference(k: int, t: int) -> tuple[Tensor, Tensor]:
     return partner, sign
 
 
-def _parallel_reference(a: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
+def _off_diagonal_max(x: Tensor) -> float:
+    return float((x - torch.diag_embed(x.diagonal())).abs().max())
+
+
+def _parallel_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, Tensor]:
     """The parallel order of the kernel in torch ops (the same rounds in the same order)."""
     k = a.shape[-1]
     x = a.to(torch.float64).cpu()
@@ -163,13 +170,15 @@ def _parallel_reference(a: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
             x = 0.5 * x + 0.5 * x.mT
             v = v * c[None, :] + v[:, partner] * s_p[None, :]
         x = torch.where(x.abs() < 1e-200, 0.0, x)
+        if converge and _off_diagonal_max(x) <= 2.0**-60:
+            break
     d = x.diagonal()
     order = sorted(range(k), key=lambda m: (float(d[m]), m))
     order_t = torch.tensor(order)
     return (d[order_t] * scale).to(a.device), v[:, order_t].to(a.device)
 
 
-def _cyclic_reference(a: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
+def _cyclic_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, Tensor]:
     """The cyclic order of the kernel in torch ops (the same rotations in the same order)."""
     k = a.shape[-1]
     x = a.to(torch.float64)
@@ -197,6 +206,8 @@ def _cyclic_reference(a: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
                 vp, vq = v[:, p].clone(), v[:, q].clone()
                 v[:, p], v[:, q] = c * vp - s * vq, s * vp + c * vq
         x = torch.where(x.abs() < 1e-200, 0.0, x)
+        if converge and _off_diagonal_max(x) <= 2.0**-60:
+            break
     d = x.diagonal()
     order = sorted(range(k), key=lambda m: (float(d[m]), m))
     order_t = torch.tensor(order, device=a.device)
@@ -204,13 +215,14 @@ def _cyclic_reference(a: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
 
 
 def eigh_reference(
-    a: Tensor, sweeps: int | None = None, order: str = "cyclic"
+    a: Tensor, sweeps: int | None = None, order: str = "cyclic", converge: bool = True
 ) -> tuple[Tensor, Tensor]:
     """The kernel's algorithm in ``order`` in torch ops on one symmetric-ised float64 [K, K]
-    matrix (slow: a Python loop). Returns (eigenvalues ascending [K], V [K, K])."""
+    matrix (slow: a Python loop). Returns (eigenvalues ascending [K], V [K, K]).
+    ``converge=False`` runs every sweep, without the kernel's exit at convergence."""
     k = a.shape[-1]
     sweeps = default_sweeps(k, order) if sweeps is None else sweeps
-    return (_parallel_reference if order == "parallel" else _cyclic_reference)(a, sweeps)
+    return (_parallel_reference if order == "parallel" else _cyclic_reference)(a, sweeps, converge)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +262,12 @@ def sym_scaled(x, xt):
 
 
 @triton.jit
+def _converged(a, ii, jj):
+    """Whether every off-diagonal entry of the tile is at or below _SKIP (no rotation left)."""
+    return tl.max(tl.max(tl.where(ii == jj, 0.0, tl.abs(a)), axis=1), axis=0) <= _SKIP
+
+
+@triton.jit
 def jacobi_sweeps(
     a, sweeps, r, K: tl.constexpr, KP: tl.constexpr, N: tl.constexpr, PARALLEL: tl.constexpr
 ):
@@ -261,8 +279,14 @@ def jacobi_sweeps(
     ii = r[:, None]  # row index of the tile
     jj = r[None, :]  # column index
     v = tl.where(ii == jj, 1.0, 0.0).to(tl.float64)
+    # Converged: every off-diagonal entry at or below _SKIP, so every later rotation would have
+    # t = 0 (c = 1, s = 0) and leave D's diagonal and V as they are: leaving the loop here gives
+    # the eigenpairs of all `sweeps` sweeps, sooner (K = 16: 4-8 of the 11 default sweeps on the
+    # test kinds, see default_sweeps).
+    sweep = 0
+    done = _converged(a, ii, jj)
     if PARALLEL:
-        for _sweep in range(sweeps):
+        while (sweep < sweeps) & ~done:  # leaves once converged (below)
             for t in range(N - 1):  # a round: K / 2 disjoint rotations at once
                 partner, sign = _round_robin(r, t, K, N)
                 part_cols = tl.broadcast_to(partner[None, :], (KP, KP))
@@ -286,8 +310,10 @@ def jacobi_sweeps(
                 a = 0.5 * a + 0.5 * tl.trans(a)  # exactly symmetric again
                 v = v * c[None, :] + tl.gather(v, part_cols, axis=1) * s_p[None, :]
             a = tl.where(tl.abs(a) < _FLUSH, 0.0, a)
+            done = _converged(a, ii, jj)
+            sweep += 1
     else:
-        for _sweep in range(sweeps):
+        while (sweep < sweeps) & ~done:  # leaves once converged (below)
             for p in range(K - 1):
                 for q in range(p + 1, K):
                     row_p = ii == p
@@ -335,6 +361,8 @@ def jacobi_sweeps(
                         tl.where(col_q, (s * vp + c * vq)[:, None], v),
                     )
             a = tl.where(tl.abs(a) < _FLUSH, 0.0, a)
+            done = _converged(a, ii, jj)
+            sweep += 1
     return a, v
 
 
