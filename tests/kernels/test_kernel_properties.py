@@ -46,3 +46,19 @@ def test_gram_and_combine_within_bounds(
     tol = (2 * gamma + gamma**2 + (n + k) * 2.0**-52) * t2
     tol += (w.abs() @ gram_mod.gram_error_bound(rows) @ w.abs()).item()
     assert abs((d @ d).item() - (w @ gm @ w).item()) <= tol + 1e-300
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(x=st.floats(allow_nan=False, allow_infinity=True, width=64))
+def test_fp32_pair_splits_a_float64_argument(x):
+    """The K x K kernels take float64 parameters as two fp32 values (Triton passes Python floats
+    as fp32): hi is x rounded as torch rounds to float32 (inf beyond its range), and within that
+    range hi + lo is x to 2^-48 relative (or to fp32's smallest subnormal)."""
+    import importlib
+
+    fp32_pair = importlib.import_module("gradbal.kernels._sweep").fp32_pair
+    hi, lo = fp32_pair(x)
+    assert hi == float(torch.tensor(x, dtype=torch.float32))
+    if abs(hi) < float("inf"):
+        assert lo == float(torch.tensor(x - hi, dtype=torch.float32))
+        assert abs(hi + lo - x) <= max(2.0**-48 * abs(x), 2.0**-149)
