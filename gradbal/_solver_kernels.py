@@ -2,7 +2,7 @@
 
 The solvers of :mod:`gradbal.solvers`, :mod:`gradbal.solvers_qp` and MoKD's weights each have
 a one-launch kernel in :mod:`gradbal.kernels` (``jacobi_eigh``, ``min_norm``,
-``mokd_weights``, ``dual_cone``, ``fair_weights``, ``pcgrad_weights``,
+``mokd_weights``, ``mgda_normalized_weights``, ``dual_cone``, ``fair_weights``, ``pcgrad_weights``,
 ``gradvac_weights``, ``cagrad_direction``; Aligned-MTL's, IMTL-G's and ConFIG's whole stage:
 ``aligned_mtl_weights``, ``imtl_g_weights``, ``config_weights``) beside their torch ops. One rule decides for all of them
 (:class:`SolverKernel`): the kernel runs for a Gram matrix that
@@ -25,8 +25,8 @@ from torch import Tensor
 from ._ops import env_backend, kernel_function, warn_kernel_failure
 
 __all__ = [
-    "ALIGNED_MTL", "CAGRAD", "CONFIG", "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "IMTL_G", "MAX_K", "MIN_NORM",
-    "MOKD_WEIGHTS", "PCGRAD", "SolverKernel", "kernel_input",
+    "ALIGNED_MTL", "CAGRAD", "CONFIG", "DUAL_CONE", "EIGH", "FAIR", "GRADVAC", "IMTL_G", "MAX_K", "MGDA_NORMALIZED",
+    "MIN_NORM", "MOKD_WEIGHTS", "PCGRAD", "SolverKernel", "kernel_input",
 ]
 
 #: Largest K of the K x K kernels (``gradbal.kernels._launch.KXK_MAX_K``, kept here so that
@@ -105,6 +105,11 @@ MIN_NORM = SolverKernel("min_norm", "the Triton min-norm kernel", "the torch sol
 #: replaces its ~19 ops.
 MOKD_WEIGHTS = SolverKernel(
     "mokd_weights", "the Triton MoKD weights kernel", "the torch solvers", k_min=2
+)
+#: :class:`gradbal.methods.MGDANormalized`'s whole stage (normaliser, min-norm, rescaling); at
+#: K = 2 one launch still replaces its ~20 ops.
+MGDA_NORMALIZED = SolverKernel(
+    "mgda_normalized_weights", "the Triton normalised-MGDA kernel", "the torch solvers", k_min=2
 )
 #: :func:`gradbal.solvers_qp.project_dual_cone` (UPGrad, DualProj); K = 2 is a closed form.
 DUAL_CONE = SolverKernel("dual_cone", "the Triton dual-cone kernel", "the torch solvers", k_min=3)

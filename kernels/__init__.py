@@ -18,7 +18,8 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
   weights from the eigenpairs), one launch.
 * :func:`min_norm` (:mod:`.min_norm`): the min-norm simplex weights of MGDA and MoKD (batched,
   K <= 32) by a primal active-set method on a swept matrix in registers, one launch;
-  :func:`mokd_weights` fuses MoKD's loss scaling, magnitude and clipping around it.
+  :func:`mokd_weights` fuses MoKD's loss scaling, magnitude and clipping around it,
+  :func:`mgda_normalized_weights` MGDA's gradient normalisers (l2, loss, loss+).
 * :func:`dual_cone` (:mod:`.dual_cone`): UPGrad's and DualProj's projections onto the dual cone
   (one program per projected vector, K <= 32), the same active-set machinery, one launch.
 * :func:`pcgrad_weights`, :func:`gradvac_weights` (:mod:`.surgery`): PCGrad's and GradVac's
@@ -30,7 +31,8 @@ writes one row: the floor is (2K + 1) x N x element size bytes.
 
 ``gradbal._ops`` dispatches to the passes, ``gradbal.solvers_qp.sym_eig`` to
 :func:`jacobi_eigh`, ``gradbal.methods.AlignedMTL`` / ``IMTLG`` / ``ConFIG`` to the :mod:`.spectral`
-kernels, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm` and
+kernels, ``gradbal.solvers.min_norm_simplex`` to :func:`min_norm`, ``gradbal.methods.MGDANormalized`` to
+:func:`mgda_normalized_weights` and
 ``gradbal.solvers_qp.project_dual_cone`` to :func:`dual_cone`, ``gradbal.solvers_qp.fair_weights``
 to :func:`fair_weights`, ``gradbal.methods.PCGrad`` / ``GradVac`` / ``CAGrad`` to :func:`pcgrad_weights` /
 :func:`gradvac_weights` / :func:`cagrad_direction` and ``gradbal.methods.MoKD`` to :func:`mokd_weights`
@@ -44,7 +46,7 @@ from __future__ import annotations
 __all__ = [
     "AVAILABLE", "aligned_mtl_weights", "cagrad_direction", "combine", "config_weights", "dual_cone",
     "fair_weights", "graddrop", "gradvac_weights", "gram", "gram_with_nonfinite", "imtl_g_weights",
-    "jacobi_eigh", "min_norm", "mokd_weights", "pcgrad_weights",
+    "jacobi_eigh", "mgda_normalized_weights", "min_norm", "mokd_weights", "pcgrad_weights",
 ]
 
 try:
@@ -55,7 +57,7 @@ try:
     from .fair import fair_weights
     from .graddrop import graddrop
     from .gram import gram, gram_with_nonfinite
-    from .min_norm import min_norm, mokd_weights
+    from .min_norm import mgda_normalized_weights, min_norm, mokd_weights
     from .spectral import aligned_mtl_weights, config_weights, imtl_g_weights
     from .surgery import gradvac_weights, pcgrad_weights
 except ImportError as _err:  # only a missing Triton is expected; anything else is a bug
@@ -104,6 +106,10 @@ except ImportError as _err:  # only a missing Triton is expected; anything else 
         raise RuntimeError(_REASON)
 
     def gradvac_weights(gram, target, order, beta, eps, on_conflict=False):
+        raise RuntimeError(_REASON)
+
+    def mgda_normalized_weights(gram, losses, normalization="l2", apply_to="normalized",
+                                loss_floor=1e-6, max_iter=None):
         raise RuntimeError(_REASON)
 
     def mokd_weights(gram, losses, log_scale=True, loss_floor=1e-6, mean_loss=True,

@@ -49,6 +49,10 @@ rank-deficient, equal / opposite / zero rows, norms over 8 decades, K = 3..16): 
 g never above the torch solver's by more than 1e-9 relative + 1e-15, weights within 3e-8 of
 it on well-conditioned problems; 9 iterations on average, at most 33 at K = 16.
 
+Two kernels wrap the solver with a method's whole K x K stage: :func:`mokd_weights` (MoKD's
+loss scaling, magnitude and clipping) and :func:`mgda_normalized_weights` (MGDA's l2, loss and
+loss+ normalisers, Sener & Koltun 2018).
+
 Cost on a GPU: per iteration seven tile reductions ([KP, KP], one warp up to KP = 16) and a
 few vector ones: latency-bound, with no launch per op. (Timings and warp counts not yet
 measured on a GPU.)
@@ -73,7 +77,10 @@ from ._sweep import (
     sweep_reference,
 )
 
-__all__ = ["MAX_K", "default_max_iter", "min_norm", "min_norm_reference", "mokd_weights"]
+__all__ = [
+    "MAX_K", "NORMALIZATIONS", "default_max_iter", "mgda_normalized_weights", "min_norm", "min_norm_reference",
+    "mokd_weights",
+]
 
 #: Largest K the one-program kernel takes (q and its swept copy live in registers).
 MAX_K = KXK_MAX_K
@@ -265,6 +272,50 @@ def _mokd_kernel(
     tl.store(w_ptr + r, w, mask=live_r)
 
 
+@triton.jit
+def _mgda_normalized_kernel(
+    g_ptr,
+    stride_r,
+    stride_c,
+    l_ptr,
+    w_ptr,
+    floor_hi,
+    floor_lo,
+    max_iter,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    REFINE: tl.constexpr,
+    NORM: tl.constexpr,
+    APPLY_NORMALIZED: tl.constexpr,
+):
+    """:class:`gradbal.methods.MGDANormalized`'s whole K x K stage for one [K, K] G (and losses
+    [K] for NORM 2, 3): the normaliser n_k (NORM 1 ``||g_k||``, 2 ``max(L_k, floor)``, 3 their
+    product), ``inv = 1 / n`` (0 where n is not > 0, NaN included), the min-norm weights pi of
+    ``G * inv inv^T``, and ``w = pi * inv`` (APPLY_NORMALIZED) or ``pi``."""
+    r = tl.arange(0, KP)
+    ii = r[:, None]
+    jj = r[None, :]
+    live_r = r < K
+    valid = (ii < K) & (jj < K)
+    # ||g_k|| from G's diagonal as given (NaN stays NaN, so that inv is 0 there, as the torch ops)
+    raw = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
+    diag = tl.sum(tl.where(ii == jj, raw, 0.0), axis=1)
+    norms = tl.sqrt(tl.where(diag > 0, diag, tl.where(diag == diag, 0.0, diag)))
+    if NORM == 1:
+        scale = norms
+    else:
+        floor = f64_arg(floor_hi, floor_lo)
+        losses = tl.load(l_ptr + r, mask=live_r, other=1.0).to(tl.float64)
+        scale = tl.where(losses == losses, tl.maximum(losses, floor), losses)  # NaN stays NaN
+        if NORM == 3:
+            scale = scale * norms
+    inv = tl.where(live_r & (scale > 0), 1.0 / scale, 0.0)
+    sym = load_sym(g_ptr, stride_r, stride_c, ii, jj, valid)
+    pi = _simplex_weights(sym * inv[:, None] * inv[None, :], max_iter, ii, jj, r, K, REFINE)
+    w = pi * inv if APPLY_NORMALIZED else pi
+    tl.store(w_ptr + r, w, mask=live_r)
+
+
 INTERPRETED = "Interpreted" in type(_min_norm_kernel).__name__
 
 
@@ -328,6 +379,50 @@ def mokd_weights(
         LOG_SCALE=bool(log_scale),
         MEAN_LOSS=bool(mean_loss),
         CLIP=max_norm is not None,
+        **launch_meta(k, REFINE_STEPS),
+    )
+    return w
+
+
+#: :func:`mgda_normalized_weights`' normalisers, in the kernel's numbering (1, 2, 3).
+NORMALIZATIONS = ("l2", "loss", "loss+")
+
+
+def mgda_normalized_weights(
+    gram: Tensor,
+    losses: Tensor | None,
+    normalization: str = "l2",
+    apply_to: str = "normalized",
+    loss_floor: float = 1e-6,
+    max_iter: int | None = None,
+) -> Tensor:
+    """:class:`gradbal.methods.MGDANormalized`'s weights [K] (float64) for one [K, K] ``gram``
+    (and the loss values ``losses`` [K] for ``"loss"`` / ``"loss+"``), in one launch: see
+    ``_mgda_normalized_kernel``. (``normalization="none"`` is plain :func:`min_norm`.)"""
+    where = "mgda_normalized_weights"
+    k = check_kxk(gram, where, "gradbal.methods.MGDANormalized.weights", INTERPRETED, batched=False)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{where}: normalization must be one of {NORMALIZATIONS}, got "
+                         f"{normalization!r}")  # fmt: skip
+    if apply_to not in ("normalized", "raw"):
+        raise ValueError(f"{where}: apply_to must be 'normalized' or 'raw', got {apply_to!r}")
+    if normalization != "l2" and (
+        not isinstance(losses, Tensor) or losses.shape != (k,) or not losses.is_floating_point()
+    ):
+        raise ValueError(f"{where}: losses must be a floating-point [{k}] tensor, got "
+                         f"{getattr(losses, 'shape', losses)}")  # fmt: skip
+    max_iter = check_max_iter(max_iter, k, where)
+    w = _alloc((k,), dtype=torch.float64, device=gram.device)
+    _mgda_normalized_kernel[(1,)](
+        gram,
+        gram.stride(0),
+        gram.stride(1),
+        w if normalization == "l2" else losses,  # (l2 reads no losses: any pointer will do)
+        w,
+        *fp32_pair(loss_floor),
+        max_iter,
+        NORM=NORMALIZATIONS.index(normalization) + 1,
+        APPLY_NORMALIZED=apply_to == "normalized",
         **launch_meta(k, REFINE_STEPS),
     )
     return w

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._solver_kernels import MGDA_NORMALIZED
 from ..solvers import min_norm_simplex
 from ._base import Method
 from ._registry import register_method
@@ -27,6 +28,10 @@ class MGDANormalized(Method):
     min-norm point of the normalised gradients, ``w = pi / n`` (LibMTL, which combines the
     normalised gradients); ``apply_to="raw"`` returns ``w = pi`` (the official code, which
     weights the raw losses by pi).
+
+    On CUDA (with ``iterations`` not given and a normaliser other than ``"none"``) the whole
+    stage is one Triton launch, :func:`gradbal.kernels.mgda_normalized_weights` (the min-norm
+    solver of :func:`gradbal.kernels.min_norm` between the normaliser and the rescaling).
 
     A zero gradient has a zero normalised gradient (its weight is 0, and the min-norm point
     is then 0: that objective is stationary). Losses are clamped at ``loss_floor`` before
@@ -74,11 +79,15 @@ class MGDANormalized(Method):
         return self.normalization in ("loss", "loss+")
 
     def weights(self, gram, losses, generator=None):
+        if self.requires_losses and losses is None:
+            raise ValueError(f"method {self.name!r} needs the loss values; pass losses=[...]")
+        if self.normalization != "none" and self.iterations is None and MGDA_NORMALIZED.usable(gram):
+            w = MGDA_NORMALIZED.run(gram, losses, self.normalization, self.apply_to, self.loss_floor)
+            if w is not None:  # CUDA: the whole stage below in one launch
+                return w if w.dtype == gram.dtype else w.to(gram.dtype)
         g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
         norms = torch.sqrt(g.diagonal().clamp_min(0))
         if self.normalization in ("loss", "loss+"):
-            if losses is None:
-                raise ValueError(f"method {self.name!r} needs the loss values; pass losses=[...]")
             scale = losses.to(torch.float64).clamp_min(self.loss_floor)
             if self.normalization == "loss+":
                 scale = scale * norms

@@ -179,6 +179,23 @@ def variants():
             yield (f"mokd_weights K={k} log={log_scale} mean={mean_loss} clip={clip}",
                    min_norm._mokd_kernel, sig, consts, {"num_warps": 1 if k <= 16 else 4})
 
+    # Normalised MGDA's fused stage: each padded K, each normaliser and apply_to; an fp32 Gram
+    # matrix and fp32 losses once.
+    for k in [2, 3, 8, 16, 32]:
+        for norm, normalized in itertools.product([1, 2, 3], [True, False]):
+            for dt in (["fp64", "fp32"] if (k, norm, normalized) == (8, 3, True) else ["fp64"]):
+                sig = {
+                    "g_ptr": f"*{dt}", "stride_r": "i64", "stride_c": "i64", "l_ptr": f"*{dt}",
+                    "w_ptr": "*fp64", "floor_hi": "fp32", "floor_lo": "fp32", "max_iter": "i32",
+                    "K": "constexpr", "KP": "constexpr", "REFINE": "constexpr", "NORM": "constexpr",
+                    "APPLY_NORMALIZED": "constexpr",
+                }
+                consts = {"K": k, "KP": max(2, next_pow2(k)), "REFINE": min_norm.REFINE_STEPS,
+                          "NORM": norm, "APPLY_NORMALIZED": normalized}  # fmt: skip
+                yield (f"mgda_normalized {dt} K={k} norm={norm} normalized={normalized}",
+                       min_norm._mgda_normalized_kernel, sig, consts,
+                       {"num_warps": 1 if k <= 16 else 4})  # fmt: skip
+
     # The dual-cone projections (UPGrad, DualProj for K >= 3 on CUDA): the same sizes.
     dual_cone = importlib.import_module("gradbal.kernels.dual_cone")
     for k in [3, 5, 8, 16, 32]:

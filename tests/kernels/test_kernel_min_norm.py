@@ -20,7 +20,7 @@ import torch
 from _small_k import DEGENERATE, WELL, fall_back_once, gram_case, without_sync
 
 from gradbal import solvers
-from gradbal._solver_kernels import MIN_NORM, MOKD_WEIGHTS
+from gradbal._solver_kernels import MGDA_NORMALIZED, MIN_NORM, MOKD_WEIGHTS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
@@ -170,6 +170,68 @@ def test_mokd_dispatches_to_the_fused_kernel(monkeypatch, mn_mod):
     assert (w - fused).abs().max() <= 1e-10 * w.abs().max()
 
 
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_mgda_normalized_weights_is_the_method_in_one_launch(mn_mod, device, k):
+    """mgda_normalized_weights (MGDA's normalisers, the min-norm problem and the rescaling
+    fused) against MGDANormalized.weights' torch ops on the CPU, for each normaliser, both
+    ``apply_to``, a loss floor that binds, a zero gradient (weight 0, as the torch ops)."""
+    from gradbal.methods import MGDANormalized
+
+    losses = torch.tensor(np.random.default_rng(k).uniform(0.1, 2.0, k))
+    for opts in ({"normalization": "l2"}, {"normalization": "loss"},
+                 {"normalization": "loss+", "apply_to": "raw"}, {"normalization": "l2", "apply_to": "raw"},
+                 {"normalization": "loss+", "loss_floor": 0.5}):  # fmt: skip
+        m = MGDANormalized(**opts)
+        for kind in WELL + ["zero_row", "mixed_norms"]:
+            g = torch.tensor(gram_case(kind, k, 5))
+            ref = m.weights(g, losses)  # CPU: the torch ops
+            w = mn_mod.mgda_normalized_weights(
+                g.to(device), losses.to(device), m.normalization, m.apply_to, m.loss_floor
+            ).cpu()  # fmt: skip
+            # With a zero gradient normalised by its norm (l2, loss+) the min-norm point is 0 (that
+            # objective is stationary) and the other weights are the ridge's rounding noise
+            # (~1e-12 here, against O(0.1) weights otherwise): compared to 1e-11 absolute.
+            assert (w - ref).abs().max() <= 1e-7 * max(ref.abs().max(), 1e-4), (opts, kind, w, ref)
+    # l2 reads no losses; non-finite entries of G read as 0, as in min_norm (a NaN gradient is
+    # a zero one: the torch ops return NaN there)
+    g = torch.tensor(gram_case("random", k, 1))
+    assert torch.equal(mn_mod.mgda_normalized_weights(g.to(device), None).cpu(),
+                       mn_mod.mgda_normalized_weights(g.to(device), losses.to(device)).cpu())  # fmt: skip
+    bad, zero = g.clone(), g.clone()
+    bad[0, :] = bad[:, 0] = float("nan")
+    zero[0, :] = zero[:, 0] = 0.0
+    for norm in ("l2", "loss"):
+        w = mn_mod.mgda_normalized_weights(bad.to(device), losses.to(device), norm)
+        assert torch.equal(w, mn_mod.mgda_normalized_weights(zero.to(device), losses.to(device), norm))
+    with pytest.raises(ValueError, match="losses must be"):
+        mn_mod.mgda_normalized_weights(g.to(device), None, "loss")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        mn_mod.mgda_normalized_weights(g.to(device), None, "none")
+    with pytest.raises(ValueError, match="apply_to must be"):
+        mn_mod.mgda_normalized_weights(g.to(device), None, "l2", "both")
+
+
+def test_mgda_normalized_dispatches_to_the_fused_kernel(monkeypatch, mn_mod):
+    """MGDANormalized.weights returns the fused kernel's weights where it is chosen, the torch
+    ops for "none" (plain MGDA's path) or a given iteration count, and falls back once."""
+    from gradbal.methods import MGDANormalized
+
+    monkeypatch.setattr(MGDA_NORMALIZED, "failed", False)
+    monkeypatch.setattr(MGDA_NORMALIZED, "usable", lambda t: not MGDA_NORMALIZED.failed)
+    g = torch.tensor(gram_case("conflicting", 4, 1))
+    losses = torch.tensor([0.7, 1.9, 0.2, 1.1], dtype=torch.float64)
+    m = MGDANormalized(normalization="loss+")
+    torch_w = MGDANormalized(normalization="loss+", iterations=9).weights(g, losses)
+    assert torch.equal(m.weights(g, losses), mn_mod.mgda_normalized_weights(g, losses, "loss+"))
+    assert m.weights(g.float(), losses).dtype == torch.float32
+    with pytest.raises(ValueError, match="needs the loss values"):
+        m.weights(g, None)
+    plain = MGDANormalized(normalization="none").weights(g, None)
+    assert torch.equal(plain, solvers.min_norm_simplex(g))
+    w = fall_back_once(monkeypatch, lambda: m.weights(g, losses), "normalised-MGDA kernel failed.*torch solvers")
+    assert (w - torch_w).abs().max() <= 1e-7 * w.abs().max()
+
+
 # ------------------------------------------------------------------------- wrapper / kernel
 
 
@@ -247,7 +309,8 @@ def test_dispatch_runs_the_kernel_and_falls_back_once(monkeypatch, mn_mod):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_methods_use_the_kernel_without_host_sync():
-    """On CUDA, mgda / mokd weights at K = 3..16 (mokd also at K = 2, fused) come from the
+    """On CUDA, mgda / mokd / mgda_l2 / mgda_loss+ weights at K = 3..16 (the fused ones also at
+    K = 2) come from the
     kernels (one launch), make no host sync, and agree with the CPU solvers on
     well-conditioned Gram matrices."""
     import gradbal
@@ -257,7 +320,7 @@ def test_gpu_methods_use_the_kernel_without_host_sync():
     for k in (2, 3, 4, 8, 16):
         g = torch.tensor(gram_case("conflicting", k, 2))
         losses = torch.rand(k, dtype=torch.float64) + 0.5
-        for name in ("mgda", "mokd"):
+        for name in ("mgda", "mokd", "mgda_l2", "mgda_loss+"):
             m = gradbal.get_method(name)
             ref = m.weights(g, losses)
             g_dev, l_dev = g.to(dev), losses.to(dev)
