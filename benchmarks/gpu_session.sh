@@ -26,6 +26,9 @@
 #   bench_kernels   gram / combine / graddrop / whole steps: triton vs torch vs per-pair loop,
 #                   with the measured device-to-device copy bandwidth (issue 4's targets);
 #                   N = 1e8 as a stage of its own
+#   bench_eigh      the Jacobi kernels (jacobi_eigh and the eigen methods' whole-stage kernels)
+#                   in both rotation orders, timed as graph replays and checked against LAPACK:
+#                   the numbers to choose the default order by (90 s; CSV row by row)
 #   bench_weights   the K x K stage alone: ops (= kernel launches) and time per method and K
 #   bench_weights_graphed   the same through gradbal.graph_method (one CUDA graph replay)
 #   bench_weights_compiled  the same through gradbal.compile_method (CUDA graphs), K = 4, 16
@@ -75,7 +78,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a timeout, append to $out/
     echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$out/session.log"
 }
 
-default="gpu_tests_kernels gpu_tests_rest bench_kernels bench_step bench_weights_graphed bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
+default="gpu_tests_kernels gpu_tests_rest bench_eigh bench_kernels bench_step bench_weights_graphed bench_weights bench_aggregate bench_weights_compiled bench_kernels_1e8"
 stages=" ${STAGES:-$default} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 
@@ -87,6 +90,8 @@ want gpu_tests_kernels && stage gpu_tests_kernels 200 "$py" -m pytest -m gpu -q 
     --continue-on-collection-errors --timeout 120 --durations=10 tests/kernels
 want gpu_tests_rest && stage gpu_tests_rest 240 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
     --continue-on-collection-errors --timeout 120 --durations=10 tests --ignore=tests/kernels
+want bench_eigh && stage bench_eigh 90 "$py" benchmarks/bench_eigh.py --reps 20 \
+    --csv "$out/bench_eigh_gpu.csv"
 # N = 1e6 and 1e7 first (the targets' sizes), then 1e8 apart: a timeout there keeps the rest.
 want bench_kernels && stage bench_kernels 95 "$py" benchmarks/bench_kernels.py --ks 2,4,8,16 \
     --ns 1e6,1e7 --dtypes fp32,bf16 --reps 15 --graph-calls 8 --csv "$out/bench_kernels_gpu.csv"

@@ -300,13 +300,13 @@ def _mgda_normalized_kernel(
     # ||g_k|| from G's diagonal as given (NaN stays NaN, so that inv is 0 there, as the torch ops)
     raw = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
     diag = tl.sum(tl.where(ii == jj, raw, 0.0), axis=1)
-    norms = tl.sqrt(tl.where(diag > 0, diag, tl.where(diag == diag, 0.0, diag)))
+    norms = tl.sqrt(tl.where(diag <= 0, 0.0, diag))  # NaN compares False: stays NaN
     if NORM == 1:
         scale = norms
     else:
         floor = f64_arg(floor_hi, floor_lo)
         losses = tl.load(l_ptr + r, mask=live_r, other=1.0).to(tl.float64)
-        scale = tl.where(losses == losses, tl.maximum(losses, floor), losses)  # NaN stays NaN
+        scale = tl.where(losses < floor, floor, losses)  # NaN compares False: stays NaN
         if NORM == 3:
             scale = scale * norms
     inv = tl.where(live_r & (scale > 0), 1.0 / scale, 0.0)

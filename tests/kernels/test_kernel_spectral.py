@@ -18,7 +18,7 @@ import torch
 from _small_k import DEGENERATE, WELL, fall_back_once, gram_case, jacobian_case, without_sync
 
 from gradbal._solver_kernels import ALIGNED_MTL, CONFIG, IMTL_G
-from gradbal.methods import AlignedMTL, ConFIG, IMTLG
+from gradbal.methods import IMTLG, AlignedMTL, ConFIG
 
 EPS32 = float(np.finfo(np.float32).eps)
 MODES = ("min", "median", "rmse")
