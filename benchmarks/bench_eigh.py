@@ -15,6 +15,11 @@ decades, the KD case) it prints and writes, per provider:
   LAPACK on the CPU as the reference); for the weights, ``max |w - w_torch| / max |w_torch|``
   against the method's torch ops on the CPU (LAPACK's eigh).
 
+* ``sweeps`` (rows ``reference-cyclic`` / ``reference-parallel``, on any machine): the sweeps
+  the kernels run on that matrix before they stop at convergence, of ``max_sweeps``
+  (``default_sweeps``), counted on the kernel's torch twin
+  (``gradbal.kernels.eigh.reference_sweeps``; the Triton kernel itself is not needed).
+
 Providers: ``eigh-cyclic`` / ``eigh-parallel`` (``jacobi_eigh``), ``<method>-cyclic`` /
 ``<method>-parallel`` for aligned_mtl, imtl_g and config, and ``lapack`` (``torch.linalg.eigh``
 on the same device). On a machine without CUDA only ``lapack`` and the torch-op Jacobi method
@@ -41,7 +46,7 @@ if _HERE not in sys.path:
 
 from _timing import graph_ms, time_ms
 
-FIELDS = ["device", "K", "kind", "provider", "us", "err", "timing"]
+FIELDS = ["device", "K", "kind", "provider", "us", "err", "timing", "sweeps", "max_sweeps"]
 KINDS = ("random", "graded")
 ORDERS = ("cyclic", "parallel")
 METHODS = ("aligned_mtl", "imtl_g", "config")
@@ -58,6 +63,18 @@ def gram_matrix(k: int, kind: str, seed: int = 0) -> torch.Tensor:
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def reference_sweeps(g: torch.Tensor, order: str) -> int:
+    from gradbal.kernels.eigh import reference_sweeps as count
+
+    return count(g, order=order)
+
+
+def default_sweeps(k: int, order: str) -> int:
+    from gradbal.kernels.eigh import default_sweeps as default
+
+    return default(k, order)
 
 
 def kernels_run_on(device: torch.device) -> bool:
@@ -120,6 +137,14 @@ def run(args, on_row=lambda row: None) -> list[dict]:
     for k in args.ks:
         for kind in KINDS:
             g = gram_matrix(k, kind)
+            for order in ORDERS:
+                row = {"device": "any", "K": k, "kind": kind, "provider": f"reference-{order}",
+                       "us": "", "err": "", "timing": "", "sweeps": reference_sweeps(g, order=order),
+                       "max_sweeps": default_sweeps(k, order)}  # fmt: skip
+                rows.append(row)
+                on_row(row)
+                print(f"K={k:2d} {kind:7s} {order:8s} sweeps to convergence: {row['sweeps']} of "
+                      f"{row['max_sweeps']}", flush=True)  # fmt: skip
             for name, call, err in providers(k, g, device):
                 times = None
                 if name != "lapack":
@@ -129,7 +154,8 @@ def run(args, on_row=lambda row: None) -> list[dict]:
                 if times is None:
                     times = time_ms(call, device, args.reps, 2)
                 row = {"device": str(device), "K": k, "kind": kind, "provider": name,
-                       "us": 1e3 * statistics.median(times), "err": err, "timing": timing}  # fmt: skip
+                       "us": 1e3 * statistics.median(times), "err": err, "timing": timing,
+                       "sweeps": "", "max_sweeps": ""}  # fmt: skip
                 rows.append(row)
                 on_row(row)
                 print(f"K={k:2d} {kind:7s} {name:22s} {row['us']:10.1f} us ({timing})  err {err:.1e}",
@@ -139,6 +165,14 @@ def run(args, on_row=lambda row: None) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     ks = sorted({r["K"] for r in rows})
+    print("\nsweeps run before convergence / default sweeps (the kernels' torch twin)")
+    print(f"{'':22s}" + "".join(f"{'K=' + str(k):>12s}" for k in ks))
+    for kind in KINDS:
+        for order in ORDERS:
+            cells = [next(f"{r['sweeps']} / {r['max_sweeps']}" for r in rows if r["K"] == k and
+                          r["kind"] == kind and r["provider"] == f"reference-{order}") for k in ks]  # fmt: skip
+            print(f"{kind + ' ' + order:22s}" + "".join(f"{c:>12s}" for c in cells))
+    rows = [r for r in rows if not r["provider"].startswith("reference-")]
     names = list(dict.fromkeys(r["provider"] for r in rows))
     for kind in KINDS:
         print(f"\n{kind}: median us per call (err)")

@@ -40,7 +40,8 @@ rotation touches them):
    After each sweep entries below 1e-200 are flushed to 0 (denormal arithmetic is slow on
    GPUs and meaningless at this scale), and the loop ends once every off-diagonal entry is at
    or below ``_SKIP``: each later rotation would be the identity, so this changes no output
-   bit, only the time (K = 16: 4-8 of the 11 default sweeps on the test kinds).
+   bit, only the time (K = 16: 7 of the 11 default sweeps on a random Gram matrix, 4 on one
+   with row norms over 8 decades; ``python benchmarks/bench_eigh.py``, its sweeps table).
 3. Eigenvalues ``lambda_m = s a_mm``. Sorted in the kernel: ``rank_m = #{n : lambda_n <
    lambda_m, or lambda_n = lambda_m and n < m}`` (a permutation of 0..K-1), and eigenvalue m
    and column m of V are stored at position rank_m: every output entry is written once.
@@ -69,7 +70,7 @@ from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk, next_pow2
 
-__all__ = ["MAX_K", "default_sweeps", "eigh_reference", "jacobi_eigh"]
+__all__ = ["MAX_K", "default_sweeps", "eigh_reference", "jacobi_eigh", "reference_sweeps"]
 
 #: Largest K the one-program kernel takes (the [KP, KP] tile and V live in registers).
 MAX_K = KXK_MAX_K
@@ -143,8 +144,9 @@ def _off_diagonal_max(x: Tensor) -> float:
     return float((x - torch.diag_embed(x.diagonal())).abs().max())
 
 
-def _parallel_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, Tensor]:
-    """The parallel order of the kernel in torch ops (the same rounds in the same order)."""
+def _parallel_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, Tensor, int]:
+    """The parallel order of the kernel in torch ops (the same rounds in the same order);
+    also the number of sweeps run."""
     k = a.shape[-1]
     x = a.to(torch.float64).cpu()
     x = torch.where(x.abs() <= torch.finfo(torch.float64).max, x, 0.0)
@@ -153,7 +155,10 @@ def _parallel_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor,
     scale = torch.where(scale > 0, scale, 1.0)
     x = x / scale
     v = torch.eye(k, dtype=torch.float64)
-    for _ in range(sweeps):
+    for ran in range(sweeps + 1):  # ran: the sweeps run, after the loop
+        # as the kernel: leave once converged, checked before each sweep and after the last
+        if ran == sweeps or (converge and _off_diagonal_max(x) <= 2.0**-60):
+            break
         for t in range(k + k % 2 - 1):
             partner, sign = _round_robin_reference(k, t)
             d = x.diagonal()
@@ -170,16 +175,15 @@ def _parallel_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor,
             x = 0.5 * x + 0.5 * x.mT
             v = v * c[None, :] + v[:, partner] * s_p[None, :]
         x = torch.where(x.abs() < 1e-200, 0.0, x)
-        if converge and _off_diagonal_max(x) <= 2.0**-60:
-            break
     d = x.diagonal()
     order = sorted(range(k), key=lambda m: (float(d[m]), m))
     order_t = torch.tensor(order)
-    return (d[order_t] * scale).to(a.device), v[:, order_t].to(a.device)
+    return (d[order_t] * scale).to(a.device), v[:, order_t].to(a.device), ran
 
 
-def _cyclic_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, Tensor]:
-    """The cyclic order of the kernel in torch ops (the same rotations in the same order)."""
+def _cyclic_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, Tensor, int]:
+    """The cyclic order of the kernel in torch ops (the same rotations in the same order);
+    also the number of sweeps run."""
     k = a.shape[-1]
     x = a.to(torch.float64)
     x = torch.where(x.abs() <= torch.finfo(torch.float64).max, x, 0.0)
@@ -188,7 +192,10 @@ def _cyclic_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, T
     scale = torch.where(scale > 0, scale, 1.0)
     x = x / scale
     v = torch.eye(k, dtype=torch.float64, device=a.device)
-    for _ in range(sweeps):
+    for ran in range(sweeps + 1):  # ran: the sweeps run, after the loop
+        # as the kernel: leave once converged, checked before each sweep and after the last
+        if ran == sweeps or (converge and _off_diagonal_max(x) <= 2.0**-60):
+            break
         for p in range(k - 1):
             for q in range(p + 1, k):
                 app, aqq, apq = x[p, p], x[q, q], x[p, q]
@@ -206,12 +213,10 @@ def _cyclic_reference(a: Tensor, sweeps: int, converge: bool) -> tuple[Tensor, T
                 vp, vq = v[:, p].clone(), v[:, q].clone()
                 v[:, p], v[:, q] = c * vp - s * vq, s * vp + c * vq
         x = torch.where(x.abs() < 1e-200, 0.0, x)
-        if converge and _off_diagonal_max(x) <= 2.0**-60:
-            break
     d = x.diagonal()
     order = sorted(range(k), key=lambda m: (float(d[m]), m))
     order_t = torch.tensor(order, device=a.device)
-    return d[order_t] * scale, v[:, order_t]
+    return d[order_t] * scale, v[:, order_t], ran
 
 
 def eigh_reference(
@@ -222,7 +227,17 @@ def eigh_reference(
     ``converge=False`` runs every sweep, without the kernel's exit at convergence."""
     k = a.shape[-1]
     sweeps = default_sweeps(k, order) if sweeps is None else sweeps
-    return (_parallel_reference if order == "parallel" else _cyclic_reference)(a, sweeps, converge)
+    w, v, _ = (_parallel_reference if order == "parallel" else _cyclic_reference)(a, sweeps, converge)
+    return w, v
+
+
+def reference_sweeps(a: Tensor, sweeps: int | None = None, order: str = "cyclic") -> int:
+    """How many of its ``sweeps`` (default :func:`default_sweeps`) the kernel runs on the
+    [K, K] matrix ``a`` before every off-diagonal entry is at or below ``_SKIP`` (counted on
+    :func:`eigh_reference`, which leaves its loop where the kernel does)."""
+    k = a.shape[-1]
+    sweeps = default_sweeps(k, order) if sweeps is None else sweeps
+    return (_parallel_reference if order == "parallel" else _cyclic_reference)(a, sweeps, True)[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +296,7 @@ def jacobi_sweeps(
     v = tl.where(ii == jj, 1.0, 0.0).to(tl.float64)
     # Converged: every off-diagonal entry at or below _SKIP, so every later rotation would have
     # t = 0 (c = 1, s = 0) and leave D's diagonal and V as they are: leaving the loop here gives
-    # the eigenpairs of all `sweeps` sweeps, sooner (K = 16: 4-8 of the 11 default sweeps on the
-    # test kinds, see default_sweeps).
+    # the eigenpairs of all `sweeps` sweeps, sooner (module docstring).
     sweep = 0
     done = _converged(a, ii, jj)
     if PARALLEL:
