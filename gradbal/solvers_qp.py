@@ -546,8 +546,8 @@ def project_dual_cone(
     uu = (u if u.dtype == torch.float64 else u.to(torch.float64)).reshape(-1, k)
     if iterations == DUAL_CONE_STEPS and DUAL_CONE.usable(gram):  # CUDA, 3 <= K <= 32
         v = DUAL_CONE.run(gram, uu, reg_eps + _RIDGE, norm_eps)
-        if v is not None:
-            return torch.maximum(v, uu).reshape(*batch, k)
+        if v is not None:  # (the kernel stores max(v, u) itself: one launch fewer here)
+            return v.reshape(*batch, k)
     if k == 2:
         v = _dual_cone_2(gram, uu, reg_eps + _RIDGE, norm_eps)
     else:

@@ -135,6 +135,7 @@ def test_dispatch(monkeypatch, dc_mod):
     monkeypatch.setattr(DUAL_CONE, "usable", lambda t: not DUAL_CONE.failed)
     v = solvers_qp.project_dual_cone(g, u)
     assert v.shape == (2, 2, 4) and torch.equal(v.reshape(4, 4), dc_mod.dual_cone(g, u.reshape(4, 4), REG))
+    assert (v >= u).all()  # feasible as returned: the kernel stores max(v, u) itself
     w = fall_back_once(monkeypatch, lambda: solvers_qp.project_dual_cone(g, u), "dual-cone kernel failed.*torch solvers")
     assert (w - v).abs().max() <= 1e-9
 
