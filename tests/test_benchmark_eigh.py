@@ -5,22 +5,17 @@ the CSV; the numbers are the interpreter's, not a GPU's."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from tests._benchmarks import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_eigh", ROOT / "benchmarks" / "bench_eigh.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_eigh")
 
 
 def test_one_tiny_run(bench, tmp_path, capsys):

@@ -4,22 +4,19 @@ H100 and H200 results, with the H100 bench_kernels CSV replaced by a small synth
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests._benchmarks import ROOT, load_benchmark
+
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _plot_results():
-    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "benchmarks" / "plot_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("plot_results")
 
 
 def _kernels_csv(path: Path) -> None:

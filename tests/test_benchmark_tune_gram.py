@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import csv
 import importlib
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests._benchmarks import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def tune():
-    spec = importlib.util.spec_from_file_location("tune_gram", ROOT / "benchmarks" / "tune_gram.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("tune_gram")
 
 
 @pytest.fixture(scope="module")
