@@ -324,6 +324,13 @@ INTERPRETED = "Interpreted" in type(_min_norm_kernel).__name__
 # --------------------------------------------------------------------------------------------
 
 
+def _check_same_device(losses: Tensor, gram: Tensor, where: str) -> None:
+    # (a kernel would read a host pointer as a device one)
+    if losses.device != gram.device:
+        raise ValueError(f"{where}: losses are on {losses.device}, the Gram matrix on "
+                         f"{gram.device}; move them to the Gram matrix's device")  # fmt: skip
+
+
 def min_norm(gram: Tensor, max_iter: int | None = None) -> Tensor:
     """Min-norm simplex weights ``[..., K]`` (float64) of the Gram matrices ``gram[..., K, K]``
     (float64 or float32, any strides) in one Triton launch; no value is read back to the host.
@@ -365,6 +372,7 @@ def mokd_weights(
     if not isinstance(losses, Tensor) or losses.shape != (k,) or not losses.is_floating_point():
         raise ValueError(f"mokd_weights: losses must be a floating-point [{k}] tensor, got "
                          f"{getattr(losses, 'shape', losses)}")
+    _check_same_device(losses, gram, "mokd_weights")
     max_iter = check_max_iter(max_iter, k, "mokd_weights")
     w = _alloc((k,), dtype=torch.float64, device=gram.device)
     _mokd_kernel[(1,)](
@@ -411,6 +419,8 @@ def mgda_normalized_weights(
     ):
         raise ValueError(f"{where}: losses must be a floating-point [{k}] tensor, got "
                          f"{getattr(losses, 'shape', losses)}")  # fmt: skip
+    if normalization != "l2":
+        _check_same_device(losses, gram, where)
     max_iter = check_max_iter(max_iter, k, where)
     w = _alloc((k,), dtype=torch.float64, device=gram.device)
     _mgda_normalized_kernel[(1,)](

@@ -205,6 +205,10 @@ def test_mgda_normalized_weights_is_the_method_in_one_launch(mn_mod, device, k):
         assert torch.equal(w, mn_mod.mgda_normalized_weights(zero.to(device), losses.to(device), norm))
     with pytest.raises(ValueError, match="losses must be"):
         mn_mod.mgda_normalized_weights(g.to(device), None, "loss")
+    with pytest.raises(ValueError, match="losses are on meta.*move them"):
+        mn_mod.mgda_normalized_weights(g.to(device), losses.to("meta"), "loss")
+    with pytest.raises(ValueError, match="losses are on meta.*move them"):
+        mn_mod.mokd_weights(g.to(device), losses.to("meta"))
     with pytest.raises(ValueError, match="normalization must be one of"):
         mn_mod.mgda_normalized_weights(g.to(device), None, "none")
     with pytest.raises(ValueError, match="apply_to must be"):
