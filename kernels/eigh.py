@@ -5,7 +5,9 @@ Why. The K x K stage of Aligned-MTL, IMTL-G and ConFIG needs ``A = V diag(lambda
 not do, and the torch-op Jacobi method of :func:`gradbal.solvers_qp.jacobi_eigh` costs one
 kernel launch per op (384 launches at K = 4, 5120 at K = 16: milliseconds per step for
 microseconds of arithmetic). Here the whole decomposition of one matrix is one Triton program
-that keeps the [KP, KP] matrix and its eigenvectors in registers: one launch per batch.
+that keeps the [KP, KP] matrix and its eigenvectors in registers: one launch per batch. Its
+sweeps (:func:`jacobi_sweeps`) also run inside :mod:`.spectral`, where those three methods' whole
+stage is one launch; :func:`gradbal.solvers_qp.sym_eig` calls this kernel for everything else.
 
 Algorithm (one program per matrix of ``a[B, K, K]``, K <= :data:`MAX_K`, padded to
 KP = next power of two >= 2, >= 4 in the parallel order; padding rows/columns are 0 and no
