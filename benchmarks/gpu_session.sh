@@ -14,7 +14,9 @@
 # call, so plan one call per session of 15 device-minutes. On 2026-11-26 the whole GPU suite
 # took more than 240 s on a fresh H200 (76 tests in 240 s) and bench_step more than 65 s on
 # an H100; see RESULTS.md. With tune_gram added to all the others, 9 files would be written:
-# at most 8 come back.
+# at most 8 come back. On a 15-minute budget, two calls (each under the tool's 10-minute
+# limit): STAGES="gpu_tests_kernels gpu_tests_rest", then STAGES="bench_eigh bench_weights
+# bench_aggregate" (add bench_kernels if time is left).
 #   env             card, driver, torch/triton versions, date (UTC): what RESULTS.md must quote
 #   gpu_tests_kernels, gpu_tests_rest   pytest -m gpu over the whole suite in two stages, so
 #                   that neither cuts the other: tests/kernels (200 s: kernels against fp64, bit
