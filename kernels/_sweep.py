@@ -1,6 +1,7 @@
-"""The machinery of the K x K solvers' kernels (:mod:`.min_norm`, :mod:`.dual_cone`): Goodnight's
-SWEEP operator on a symmetric [KP, KP] tile in registers (and its torch reference), and one
-step of the primal active-set method built on it.
+"""The machinery of the K x K solvers' kernels (:mod:`.min_norm`, :mod:`.dual_cone`,
+:mod:`.cagrad`, :mod:`.fair`): Goodnight's SWEEP operator on a symmetric [KP, KP] tile in
+registers (and its torch reference), the refined solve on a swept tile, and one step of the
+primal active-set method built on them.
 
 Sweeping pivot p of a symmetric A, with ``d = A_pp`` and r = row p (Beaton 1964; Goodnight,
 "A tutorial on the SWEEP operator", 1979)::
@@ -24,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "active_set_step", "check_max_iter", "f64_arg", "fp32_pair", "launch_meta", "load_sym", "sweep_pivot",
-    "sweep_reference",
+    "active_set_step", "check_max_iter", "f64_arg", "fp32_pair", "launch_meta", "load_sym", "solve_swept",
+    "sweep_pivot", "sweep_reference",
 ]
 
 _INF = tl.constexpr(float("inf"))
@@ -66,6 +67,19 @@ def sweep_pivot(swept, p, sign, ii, jj, r):
     out = tl.where(jj == p, scaled[:, None], out)
     out = tl.where((ii == p) & (jj == p), -1.0 / d, out)
     return tl.where(p >= 0, out, swept)
+
+
+@triton.jit
+def solve_swept(swept, mat, rhs, free, REFINE: tl.constexpr):
+    """``mat_SS^-1 rhs_S`` (0 off S) from the tile ``swept`` on S (``-mat_SS^-1`` there), then
+    REFINE steps of iterative refinement against ``mat`` itself (the residual
+    ``rhs - mat x`` on S, the swept tile as the approximate inverse): sweeps and reverse sweeps
+    accumulate rounding. ``free`` is 1.0 on S and 0.0 elsewhere."""
+    x = -tl.sum(swept * (rhs * free)[None, :], axis=1) * free
+    for _r in tl.static_range(REFINE):
+        res = (rhs - tl.sum(mat * x[None, :], axis=1)) * free
+        x = x - tl.sum(swept * res[None, :], axis=1) * free
+    return x
 
 
 def sweep_reference(a: Tensor, p: int, sign: float) -> Tensor:

@@ -54,6 +54,7 @@ from ._sweep import (
     fp32_pair,
     launch_meta,
     load_sym,
+    solve_swept,
     sweep_pivot,
 )
 
@@ -85,16 +86,6 @@ _alloc = torch.empty
 def default_max_iter(k: int) -> int:
     """Iterations the kernel runs at most: 4K + 8."""
     return check_max_iter(None, k, "cagrad_direction")
-
-
-@triton.jit
-def _solve_on_face(swept, gr, rhs, free, REFINE: tl.constexpr):
-    """``G_SS^-1 rhs_S`` (0 off S) from the tile swept on S (``-G_SS^-1`` there), refined."""
-    x = -tl.sum(swept * (rhs * free)[None, :], axis=1) * free
-    for _r in tl.static_range(REFINE):
-        res = (rhs - tl.sum(gr * x[None, :], axis=1)) * free
-        x = x - tl.sum(swept * res[None, :], axis=1) * free
-    return x
 
 
 @triton.jit
@@ -138,8 +129,8 @@ def _cagrad_kernel(
     it = 0
     while (it < max_iter) & ~done:  # stops at convergence (no masked iterations after it)
         it += 1
-        p = _solve_on_face(swept, gr, ones, free, REFINE)
-        q = _solve_on_face(swept, gr, a, free, REFINE)
+        p = solve_swept(swept, gr, ones, free, REFINE)
+        q = solve_swept(swept, gr, a, free, REFINE)
         s_p = tl.sum(p, axis=0)
         s_q = tl.sum(q, axis=0)
         t = tl.sum(a * q, axis=0)

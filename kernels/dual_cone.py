@@ -46,6 +46,7 @@ from ._sweep import (
     fp32_pair,
     launch_meta,
     load_sym,
+    solve_swept,
     sweep_reference,
 )
 
@@ -165,6 +166,7 @@ def _dual_cone_kernel(
     u = u0 / tl.where(live_r, a, 1.0)
     tol = _TOL * tl.sum(tl.abs(u), axis=0)
     qu = tl.sum(q * u[None, :], axis=1)
+    neg_qu = -qu
     swept = q
     free = tl.zeros([KP], dtype=tl.float64)
     z = tl.zeros([KP], dtype=tl.float64)
@@ -172,11 +174,8 @@ def _dual_cone_kernel(
     it = 0
     while (it < max_iter) & ~done:  # stops at convergence (no masked iterations after it)
         it += 1
-        # z on F: Q_FF z_F = -(Q u)_F, i.e. z_F = A_FF (Q u)_F on the swept tile, refined.
-        y = tl.sum(swept * (qu * free)[None, :], axis=1) * free
-        for _r in tl.static_range(REFINE):
-            res = (qu + tl.sum(q * y[None, :], axis=1)) * free
-            y = y + tl.sum(swept * res[None, :], axis=1) * free
+        # z on F: Q_FF z_F = -(Q u)_F, on the swept tile, refined.
+        y = solve_swept(swept, q, neg_qu, free, REFINE)
         # Multipliers of the bounds off F: (Q v)_i = (Q u + Q z)_i.
         lam = qu + tl.sum(q * y[None, :], axis=1)
         lam = tl.where((free == 0) & live_r, lam, _INF)

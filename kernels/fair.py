@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
-from ._sweep import f64_arg, fp32_pair, launch_meta, load_sym, sweep_pivot
+from ._sweep import f64_arg, fp32_pair, launch_meta, load_sym, solve_swept, sweep_pivot
 
 __all__ = ["MAX_K", "fair_weights"]
 
@@ -77,11 +77,7 @@ def _neg_newton_step(g, w, live_r, expo, inv_alpha, ii, jj, r,
     swept = h
     for p in range(K):  # -H^-1 on the live block; padded rows and columns stay 0
         swept = sweep_pivot(swept, p, 1.0, ii, jj, r)
-    y = -tl.sum(swept * grad[None, :], axis=1)
-    for _r in tl.static_range(REFINE):
-        res = grad - tl.sum(h * y[None, :], axis=1)
-        y = y - tl.sum(swept * res[None, :], axis=1)
-    return y
+    return solve_swept(swept, h, grad, tl.where(live_r, 1.0, 0.0), REFINE)
 
 
 @triton.jit

@@ -73,6 +73,7 @@ from ._sweep import (
     fp32_pair,
     launch_meta,
     load_sym,
+    solve_swept,
     sweep_pivot,
     sweep_reference,
 )
@@ -187,10 +188,7 @@ def _simplex_weights(sym, max_iter, ii, jj, r, K: tl.constexpr, REFINE: tl.const
         it += 1
         # The equality problem on S: y = q_SS^-1 a_S = -A_SS a_S, v = y / (a^T y), then
         # REFINE steps of iterative refinement against q itself (see the module docstring).
-        y = -tl.sum(swept * (a * in_s)[None, :], axis=1) * in_s
-        for _r in tl.static_range(REFINE):
-            res = (a - tl.sum(q * y[None, :], axis=1)) * in_s
-            y = y - tl.sum(swept * res[None, :], axis=1) * in_s
+        y = solve_swept(swept, q, a, in_s, REFINE)
         tot = tl.sum(a * y, axis=0)
         v = y / tot
         obj = 1.0 / tot
@@ -298,8 +296,7 @@ def _mgda_normalized_kernel(
     live_r = r < K
     valid = (ii < K) & (jj < K)
     # ||g_k|| from G's diagonal as given (NaN stays NaN, so that inv is 0 there, as the torch ops)
-    raw = tl.load(g_ptr + ii * stride_r + jj * stride_c, mask=valid, other=0.0).to(tl.float64)
-    diag = tl.sum(tl.where(ii == jj, raw, 0.0), axis=1)
+    diag = tl.load(g_ptr + r * (stride_r + stride_c), mask=live_r, other=0.0).to(tl.float64)
     norms = tl.sqrt(tl.where(diag <= 0, 0.0, diag))  # NaN compares False: stays NaN
     if NORM == 1:
         scale = norms
@@ -324,8 +321,12 @@ INTERPRETED = "Interpreted" in type(_min_norm_kernel).__name__
 # --------------------------------------------------------------------------------------------
 
 
-def _check_same_device(losses: Tensor, gram: Tensor, where: str) -> None:
-    # (a kernel would read a host pointer as a device one)
+def _check_losses(losses, gram: Tensor, k: int, where: str) -> None:
+    """The loss values a kernel reads: a floating-point [K] tensor on the Gram matrix's device
+    (a kernel would read a host pointer as a device one)."""
+    if not isinstance(losses, Tensor) or losses.shape != (k,) or not losses.is_floating_point():
+        raise ValueError(f"{where}: losses must be a floating-point [{k}] tensor, got "
+                         f"{getattr(losses, 'shape', losses)}")  # fmt: skip
     if losses.device != gram.device:
         raise ValueError(f"{where}: losses are on {losses.device}, the Gram matrix on "
                          f"{gram.device}; move them to the Gram matrix's device")  # fmt: skip
@@ -369,10 +370,7 @@ def mokd_weights(
     loss values ``losses`` [K], in one launch: see ``_mokd_kernel`` (``mean_loss``: the
     ``"mean_loss"`` magnitude, which applies with log scaling only)."""
     k = check_kxk(gram, "mokd_weights", "gradbal.methods.MoKD.weights", INTERPRETED, batched=False)
-    if not isinstance(losses, Tensor) or losses.shape != (k,) or not losses.is_floating_point():
-        raise ValueError(f"mokd_weights: losses must be a floating-point [{k}] tensor, got "
-                         f"{getattr(losses, 'shape', losses)}")
-    _check_same_device(losses, gram, "mokd_weights")
+    _check_losses(losses, gram, k, "mokd_weights")
     max_iter = check_max_iter(max_iter, k, "mokd_weights")
     w = _alloc((k,), dtype=torch.float64, device=gram.device)
     _mokd_kernel[(1,)](
@@ -414,13 +412,8 @@ def mgda_normalized_weights(
                          f"{normalization!r}")  # fmt: skip
     if apply_to not in ("normalized", "raw"):
         raise ValueError(f"{where}: apply_to must be 'normalized' or 'raw', got {apply_to!r}")
-    if normalization != "l2" and (
-        not isinstance(losses, Tensor) or losses.shape != (k,) or not losses.is_floating_point()
-    ):
-        raise ValueError(f"{where}: losses must be a floating-point [{k}] tensor, got "
-                         f"{getattr(losses, 'shape', losses)}")  # fmt: skip
     if normalization != "l2":
-        _check_same_device(losses, gram, where)
+        _check_losses(losses, gram, k, where)
     max_iter = check_max_iter(max_iter, k, where)
     w = _alloc((k,), dtype=torch.float64, device=gram.device)
     _mgda_normalized_kernel[(1,)](
