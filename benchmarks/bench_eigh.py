@@ -38,6 +38,7 @@ import statistics
 import sys
 
 import torch
+from gradbal.kernels import eigh  # (needs Triton: the kernels and the sweeps' torch twin)
 
 # benchmarks/ on sys.path, however this file is run or loaded (as a script, or from a test)
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,27 +66,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
-def reference_sweeps(g: torch.Tensor, order: str) -> int:
-    from gradbal.kernels.eigh import reference_sweeps as count
-
-    return count(g, order=order)
-
-
-def default_sweeps(k: int, order: str) -> int:
-    from gradbal.kernels.eigh import default_sweeps as default
-
-    return default(k, order)
-
-
 def kernels_run_on(device: torch.device) -> bool:
     """CUDA, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1``: the tests)."""
-    if device.type == "cuda":
-        return True
-    try:
-        from gradbal.kernels import eigh
-    except ImportError:
-        return False
-    return eigh.INTERPRETED
+    return device.type == "cuda" or eigh.INTERPRETED
 
 
 def providers(k: int, g: torch.Tensor, device: torch.device):
@@ -139,8 +122,8 @@ def run(args, on_row=lambda row: None) -> list[dict]:
             g = gram_matrix(k, kind)
             for order in ORDERS:
                 row = {"device": "any", "K": k, "kind": kind, "provider": f"reference-{order}",
-                       "us": "", "err": "", "timing": "", "sweeps": reference_sweeps(g, order=order),
-                       "max_sweeps": default_sweeps(k, order)}  # fmt: skip
+                       "us": "", "err": "", "timing": "", "sweeps": eigh.reference_sweeps(g, order=order),
+                       "max_sweeps": eigh.default_sweeps(k, order)}  # fmt: skip
                 rows.append(row)
                 on_row(row)
                 print(f"K={k:2d} {kind:7s} {order:8s} sweeps to convergence: {row['sweeps']} of "
