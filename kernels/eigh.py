@@ -431,6 +431,20 @@ INTERPRETED = "Interpreted" in type(_eigh_kernel).__name__
 # --------------------------------------------------------------------------------------------
 
 
+def check_order(order: str, where: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"{where}: order must be one of {ORDERS}, got {order!r}")
+
+
+def check_sweeps(sweeps: int | None, k: int, order: str, where: str) -> int:
+    """The sweeps to run: :func:`default_sweeps` for None, else ``sweeps`` (an int >= 0)."""
+    if sweeps is None:
+        return default_sweeps(k, order)
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"{where}: sweeps must be an int >= 0, got {sweeps!r}")
+    return sweeps
+
+
 def _k_pad(k: int, parallel: bool) -> int:
     # The parallel order pads to at least 4: a [2, 2] tile made Triton's compiler for sm_90
     # hang on the gathers (3.8, seen on 2026-11-27); padded lanes never rotate.
@@ -456,14 +470,10 @@ def jacobi_eigh(
     (K / 2 disjoint rotations per round through register gathers; about an eighth of the
     reductions at K = 16, not yet run on a GPU).
     """
-    if order not in ORDERS:
-        raise ValueError(f"jacobi_eigh: order must be one of {ORDERS}, got {order!r}")
+    check_order(order, "jacobi_eigh")
     parallel = order == "parallel"
     k = check_kxk(a, "jacobi_eigh", "gradbal.solvers_qp.sym_eig", INTERPRETED)
-    if sweeps is None:
-        sweeps = default_sweeps(k, order)
-    elif isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
-        raise ValueError(f"jacobi_eigh: sweeps must be an int >= 0, got {sweeps!r}")
+    sweeps = check_sweeps(sweeps, k, order, "jacobi_eigh")
     batch = a.shape[:-2]
     flat = a.reshape(-1, k, k)  # a view when the batch dims allow; any last-two strides work
     b = flat.shape[0]

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import KXK_DTYPES, KXK_MAX_K, check_kxk
-from .eigh import ORDERS, _k_pad, _num_warps, default_sweeps, jacobi_sweeps, sym_scaled
+from .eigh import _k_pad, _num_warps, check_order, check_sweeps, jacobi_sweeps, sym_scaled
 
 __all__ = ["MAX_K", "SCALE_MODES", "aligned_mtl_weights", "config_weights", "imtl_g_weights"]
 
@@ -147,13 +147,9 @@ INTERPRETED = "Interpreted" in type(_spectral_kernel).__name__
 
 def _launch(gram: Tensor, pref: Tensor | None, mode: int, scale: int, sweeps, order: str,
             where: str, instead: str) -> Tensor:  # fmt: skip
+    check_order(order, where)
     k = check_kxk(gram, where, instead, INTERPRETED, batched=False)
-    if order not in ORDERS:
-        raise ValueError(f"{where}: order must be one of {ORDERS}, got {order!r}")
-    if sweeps is None:
-        sweeps = default_sweeps(k, order)
-    elif isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
-        raise ValueError(f"{where}: sweeps must be an int >= 0, got {sweeps!r}")
+    sweeps = check_sweeps(sweeps, k, order, where)
     if pref is not None:
         if not isinstance(pref, Tensor) or pref.shape != (k,) or pref.dtype != torch.float64:
             raise ValueError(f"{where}: pref must be a float64 [{k}] tensor, got "
